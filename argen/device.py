@@ -1,0 +1,96 @@
+"""The device/backend facade: the only module that names an accelerator.
+
+Everything else asks here: which device, which process-group backend, autocast, synchronize and peak memory.
+It imports nothing of argen, so any sub-package may use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def accelerator_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_device(local_rank: int | None = None) -> torch.device:
+    """The accelerator for this process (by LOCAL_RANK) when there is one, else the CPU."""
+    if accelerator_available():
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def dist_backend() -> str:
+    """NCCL on GPUs, gloo on CPUs."""
+    return "nccl" if accelerator_available() else "gloo"
+
+
+def is_accelerator(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def set_device(device: torch.device) -> None:
+    if is_accelerator(device):
+        torch.cuda.set_device(device)
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    if device is None or is_accelerator(device):
+        if accelerator_available():
+            torch.cuda.synchronize()
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on the given device; a no-op context for fp32 (dtype None or float32)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    if is_accelerator(device):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak accelerator memory since the last reset; on CPU the process's peak RSS."""
+    if is_accelerator(device):
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def manual_seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    if accelerator_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if accelerator_available():
+        state["accel"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "accel" in state and accelerator_available():
+        torch.cuda.set_rng_state_all(state["accel"])
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Dense peak FLOP/s of one accelerator for MFU, from its name; None when unknown (e.g. CPU)."""
+    if not is_accelerator(device):
+        env = os.environ.get("ARGEN_PEAK_FLOPS")
+        return float(env) if env else None
+    name = torch.cuda.get_device_name(device)
+    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+    for key, flops in table.items():
+        if key in name:
+            return flops
+    return None

@@ -1,0 +1,1 @@
+"""Slurm cluster fixture (owned by the Slurm work)."""
