@@ -1,0 +1,196 @@
+"""Object-storage helpers over fsspec: one place that knows how to reach `s3://...` and local paths.
+
+URLs are either local paths (`/data/shards`, `file:///data/shards`) or `s3://bucket/prefix`. S3 is reached through
+s3fs with the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION), so a MinIO/SeaweedFS/Ceph endpoint needs no code, only the environment.
+
+Atomicity is the contract the shard writer relies on:
+- local: write a hidden temp file in the destination directory, then `os.replace` (atomic within one filesystem);
+- S3: one PUT (or one completed multipart upload) makes the object appear whole or not at all.
+So a reader never sees half an object, whatever point a writer was killed at.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import uuid
+from typing import IO, Any
+
+import fsspec
+
+from argen.errors import ArgenError
+
+
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    url = str(url)
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def _s3_options() -> dict[str, Any]:
+    # Passing the environment explicitly makes fsspec's instance cache key on it: a test (or a job) that changes
+    # AWS_ENDPOINT_URL gets a fresh client instead of a cached one pointing at the old endpoint.
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        opts["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return opts
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a URL; S3 configured from the AWS environment."""
+    url = str(url)
+    if not is_remote(url):
+        return fsspec.filesystem("file"), os.path.abspath(_local_path(url))
+    protocol = url.split("://", 1)[0]
+    if protocol in ("s3", "s3a"):
+        try:
+            fs = fsspec.filesystem("s3", **_s3_options())
+        except ImportError as e:
+            raise ArgenError(f"{url}: reading s3:// needs s3fs installed ({e})") from None
+        return fs, url.split("://", 1)[1].rstrip("/")
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise ArgenError(f"{url}: unsupported storage URL ({e})") from None
+    return fs, path
+
+
+def join(prefix: str, *names: str) -> str:
+    prefix = str(prefix)
+    if is_remote(prefix):
+        return posixpath.join(prefix.rstrip("/"), *names)
+    return os.path.join(_local_path(prefix), *names)
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    # s3fs caches directory listings; other processes write concurrently, so never trust the cache here.
+    if is_remote_fs(fs):
+        fs.invalidate_cache(path)
+        fs.invalidate_cache(posixpath.dirname(path))
+
+
+def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol not in ("file", "local")
+
+
+def exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    _fresh(fs, path)
+    return fs.exists(path)
+
+
+def size(url: str) -> int:
+    fs, path = get_fs(url)
+    _fresh(fs, path)
+    return int(fs.size(path))
+
+
+def open_url(url: str, mode: str = "rb", **kwargs: Any) -> IO:
+    """An open file object for a local path or an fsspec URL (reads stream; S3 reads use range GETs)."""
+    fs, path = get_fs(url)
+    if "r" in mode:
+        _fresh(fs, path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"no such object: {url}")
+    return fs.open(path, mode, **kwargs)
+
+
+def read_bytes(url: str) -> bytes:
+    with open_url(url, "rb") as f:
+        return f.read()
+
+
+def makedirs(url: str) -> None:
+    if not is_remote(url):
+        os.makedirs(_local_path(url), exist_ok=True)
+    # object stores have no directories
+
+
+def put_bytes_atomic(url: str, data: bytes) -> None:
+    """Write `data` to `url` so that readers see the old object, or the whole new one, never a part."""
+    if not is_remote(url):
+        path = _local_path(url)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fs, path = get_fs(url)
+    fs.pipe_file(path, data)  # one PUT (multipart above s3fs's block size, completed atomically)
+    _fresh(fs, path)
+
+
+def put_file_atomic(local_file: str, url: str) -> None:
+    """Move/upload a finished local file to `url` atomically (the local file is consumed on local targets)."""
+    if not is_remote(url):
+        path = _local_path(url)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            shutil.copyfile(local_file, tmp)  # may cross filesystems; the rename below may not
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fs, path = get_fs(url)
+    fs.put_file(local_file, path)
+    _fresh(fs, path)
+
+
+def delete(url: str, missing_ok: bool = True) -> None:
+    fs, path = get_fs(url)
+    _fresh(fs, path)
+    try:
+        fs.rm(path, recursive=fs.isdir(path))
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def list_names(prefix: str) -> list[str]:
+    """Sorted base names of the objects directly under `prefix` (empty if it does not exist)."""
+    fs, path = get_fs(prefix)
+    _fresh(fs, path)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+
+def register_webdataset_s3() -> None:
+    """Let `webdataset.WebDataset("s3://...")` open shards through fsspec (webdataset has no s3 handler)."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")
+
+    def _open(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO:
+        return open_url(url, mode)
+
+    for scheme in ("s3", "s3a"):
+        gopen.gopen_schemes[scheme] = _open
