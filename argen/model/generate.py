@@ -1,0 +1,125 @@
+"""KV-cached sampling for the GPT: `argen.generate(model, cond, ...) -> codes (B, N)`.
+
+Order per step, as the reference (§3.1): CFG on raw logits -> temperature -> top-k -> top-p -> multinomial.
+The conditional and unconditional rows run as one batch [cond; uncond], so row i and row B+i always belong to the
+same request. Caches are allocated once per call at the exact length needed; decode steps attend over the filled
+prefix of the cache only, so no (B, S, S) mask is built (c2i) and only a key mask for padded captions (t2i).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from argen.errors import ArgenError
+
+CfgSchedule = None | str | int | Callable[[int, int], float]
+
+
+def cfg_scale_at(step: int, total: int, scale: float, schedule: CfgSchedule) -> float:
+    """CFG scale for image token `step` of `total`: constant (None), 'linear' ramp 1 -> scale, an int k
+    (the reference's cfg_interval: its decode index i = step - 1 keeps CFG while i <= k), or a callable."""
+    if schedule is None or schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * step / max(total - 1, 1)
+    if isinstance(schedule, int):
+        return scale if schedule < 0 or step - 1 <= schedule else 1.0
+    if callable(schedule):
+        return float(schedule(step, total))
+    raise ArgenError(f"unknown cfg_schedule {schedule!r} (None, 'constant', 'linear', an int interval or a callable)")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then HF-style top-p (the first token past p is kept; top-1 always kept)."""
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_k: int,
+                       top_p: float, greedy: bool = False) -> torch.Tensor:
+    if greedy:
+        return logits.argmax(-1, keepdim=True)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def check_condition(model, cond: torch.Tensor, cond_mask: torch.Tensor | None) -> None:
+    cfg = model.config
+    if cfg.model_type == "c2i":
+        if cond.dtype not in (torch.int32, torch.int64) or cond.ndim != 1:
+            raise ArgenError(f"c2i condition must be a 1-D tensor of class labels, got {tuple(cond.shape)} {cond.dtype}")
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= cfg.num_classes):
+            raise ArgenError(f"class label out of range [0, {cfg.num_classes}): {cond.tolist()}")
+    else:
+        if cond.ndim != 3 or cond.shape[1] != cfg.cls_token_num or cond.shape[2] != cfg.caption_dim:
+            raise ArgenError(f"t2i caption features must have shape (B, {cfg.cls_token_num}, {cfg.caption_dim}), "
+                             f"got {tuple(cond.shape)}")
+        if cond_mask is not None and tuple(cond_mask.shape) != tuple(cond.shape[:2]):
+            raise ArgenError(f"caption mask must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
+
+
+@torch.inference_mode()
+def generate(model, cond: torch.Tensor, *, cond_mask: torch.Tensor | None = None, cfg_scale: float = 1.0,
+             cfg_schedule: CfgSchedule = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, greedy: bool = False, num_tokens: int | None = None) -> torch.Tensor:
+    """Sample image codes (B, N) for labels (B,) or caption features (B, T, D) with an optional bool mask (B, T)."""
+    check_condition(model, cond, cond_mask)
+    cfg = model.config
+    device = model.output.weight.device
+    B, T = cond.shape[0], cfg.cls_token_num
+    N = num_tokens or cfg.block_size
+    use_cfg = cfg_scale > 1.0 or (cfg_schedule is not None and cfg_schedule != "constant" and cfg_scale != 1.0)
+    cond = cond.to(device)
+    if use_cfg:
+        cond = torch.cat([cond, model.null_condition(B, device).to(cond.dtype)])
+        if cond_mask is not None:  # the uncond half keeps the prompt's mask, as in training (reference §3.1)
+            cond_mask = torch.cat([cond_mask, cond_mask])
+    rows = cond.shape[0]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    model.setup_kv_cache(rows, T + N - 1)
+    try:
+        mask = None
+        key_mask = None
+        if cond_mask is not None:
+            cond_mask = cond_mask.to(device).bool()
+            mask = model.prefix_mask(cond_mask, T)
+            key_mask = torch.ones(rows, T + N, dtype=torch.bool, device=device)
+            key_mask[:, :T] = cond_mask
+        x = model.embed_condition(cond).to(model.tok_embeddings.weight.dtype)
+        logits = model.forward_cached(x, 0, mask)
+        out = torch.empty(B, N, dtype=torch.long, device=device)
+        for step in range(N):
+            if use_cfg:
+                c, u = logits[:B], logits[B:]
+                s = cfg_scale_at(step, N, cfg_scale, cfg_schedule)
+                logits = u + s * (c - u)
+            tok = sample_from_logits(logits, generator, temperature, top_k, top_p, greedy)
+            out[:, step] = tok[:, 0]
+            if step == N - 1:
+                break
+            tok_in = torch.cat([tok, tok]) if use_cfg else tok
+            pos = T + step
+            step_mask = None if key_mask is None else key_mask[:, None, None, : pos + 1]
+            logits = model.forward_cached(model.tok_embeddings(tok_in), pos, step_mask)
+        return out
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
