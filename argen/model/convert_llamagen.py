@@ -1,0 +1,77 @@
+"""Import LlamaGen GPT checkpoints into argen's format (config.json + model.safetensors).
+
+The released files come in three wrappers: {"model": sd} (DDP runs), {"module": sd} (DeepSpeed) and raw state dicts
+(FSDP consolidated: XXL, 3B). Key names already equal argen's module names (reference §2.7), so the map is the
+identity after stripping wrapper prefixes and dropping caches; it is strict all the same: every key used, none
+missing, every shape checked. Converted models record rope_prefix='reference' because the weights were trained with
+zeroed prefix RoPE rows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from argen.errors import ArgenError
+from argen.model.gpt import GPT, gpt_config, rope_2d_cache
+from argen.model.io import load_state_strict, save
+
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+_DROP_SUFFIXES = ("freqs_cis", "causal_mask")
+
+
+def unwrap_checkpoint(obj, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("model", "module", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise ArgenError(f"{source}: not a LlamaGen checkpoint (expected a state dict, or one under 'model', 'module' "
+                     "or 'state_dict')")
+
+
+def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key = key[len(p):]
+        if ".kv_cache." in key or key.endswith(_DROP_SUFFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+def read_torch_checkpoint(src: str | Path) -> dict[str, torch.Tensor]:
+    src = Path(src)
+    if not src.is_file():
+        raise ArgenError(f"checkpoint not found: {src}")
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for truncated/foreign files
+        raise ArgenError(f"cannot read checkpoint {src}: {type(e).__name__}: {e}") from None
+    return clean_keys(unwrap_checkpoint(obj, str(src)))
+
+
+def convert_llamagen_gpt(src: str | Path, out_dir: str | Path, model_name: str, image_size: int = 256,
+                         t2i: bool = False, vocab_size: int | None = None) -> Path:
+    state = read_torch_checkpoint(src)
+    if vocab_size is None:
+        if "tok_embeddings.weight" not in state:
+            raise ArgenError(f"{src}: missing 'tok_embeddings.weight'; is this a LlamaGen GPT checkpoint?")
+        vocab_size = state["tok_embeddings.weight"].shape[0]
+    overrides = dict(vocab_size=vocab_size, rope_prefix="reference")
+    if t2i and "cls_embedding.cap_proj.fc1.weight" in state:
+        overrides["caption_dim"] = state["cls_embedding.cap_proj.fc1.weight"].shape[1]
+    if not t2i and "cls_embedding.embedding_table.weight" in state:
+        rows = state["cls_embedding.embedding_table.weight"].shape[0]
+        overrides["num_classes"] = rows - 1
+    cfg = gpt_config(model_name, image_size=image_size, model_type="t2i" if t2i else "c2i", **overrides)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device="cpu")
+    load_state_strict(model, {k: v.float() for k, v in state.items()}, str(src))
+    # to_empty left the non-persistent RoPE table uninitialised: rebuild it
+    model.rope = rope_2d_cache(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num, cfg.rope_prefix)
+    return save(model, out_dir, meta={"source": str(src), "converted_from": "llamagen"})
