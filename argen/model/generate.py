@@ -70,7 +70,7 @@ def check_condition(model, cond: torch.Tensor, cond_mask: torch.Tensor | None) -
             raise ArgenError(f"caption mask must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: callers may feed the codes to training
 def generate(model, cond: torch.Tensor, *, cond_mask: torch.Tensor | None = None, cfg_scale: float = 1.0,
              cfg_schedule: CfgSchedule = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, greedy: bool = False, num_tokens: int | None = None) -> torch.Tensor:

@@ -106,6 +106,7 @@ GPT_SIZES: dict[str, tuple[int, int, int]] = {
 
 def gpt_config(name: str, image_size: int = 256, model_type: str = "c2i", downsample: int = 16, **overrides) -> GPTConfig:
     """The named size at an image resolution (256/384/512 px -> 16/24/32 grid with 16x downsampling)."""
+    name = {k.lower(): k for k in GPT_SIZES}.get(name.lower(), name)
     if name not in GPT_SIZES:
         import difflib
         close = difflib.get_close_matches(name, list(GPT_SIZES), n=1)
