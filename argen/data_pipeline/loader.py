@@ -316,7 +316,13 @@ class ShardLoader:
         t["read_s"] += ev.read_s
         self._win["bytes"] += ev.bytes
         for url, reason in ev.corrupt:
+            if url not in self._corrupt:  # logged here, not in the worker, so it lands in the trainer's log
+                log.error("skipping corrupt shard %s (%s); %d corrupt so far, limit %d", url, reason,
+                          len(self._corrupt) + 1, self.cfg.max_corrupt_shards)
             self._corrupt.setdefault(url, reason)
+        if ev.bad_samples:
+            log.warning("dropped %d undecodable sample(s) in block %s of %s", ev.bad_samples, ev.block,
+                        ev.url)
         if len(self._corrupt) > self.cfg.max_corrupt_shards:
             listing = "; ".join(f"{u}: {r}" for u, r in list(self._corrupt.items())[:5])
             self.close()

@@ -54,6 +54,8 @@ class ReadEvents:
     """What happened while reading a block; travels with the block to the main process for stats()."""
     corrupt: list[tuple[str, str]] = field(default_factory=list)   # (shard url, reason), confirmed corruption
     bad_samples: int = 0
+    url: str = ""
+    block: str = ""
     retries: int = 0
     bytes: int = 0
     read_s: float = 0.0
@@ -112,7 +114,7 @@ def _read_segment(url: str, seg: Segment, counter: list[int]) -> list[dict[str, 
 def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task: str) -> dict[str, Any]:
     """The block's samples from `offset` on, as columns of tensors (see loader.py for the fields)."""
     t0 = time.perf_counter()
-    ev = ReadEvents()
+    ev = ReadEvents(url=src.url, block=f"(epoch {block.epoch}, block {block.index})")
     members: list[dict[str, bytes] | None] = []
     for seg in block.segments:
         url = src.shard_urls[seg.shard]
@@ -124,7 +126,7 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
         try:
             members.extend(read_with_retry(url, lambda: _read_segment(url, seg, counter), retry, on_retry=note))
         except ShardCorrupt as e:
-            log.error("skipping %d samples of corrupt shard %s: %s", seg.hi - seg.lo, url, e.reason)
+            log.debug("skipping %d samples of corrupt shard %s: %s", seg.hi - seg.lo, url, e.reason)
             ev.corrupt.append((url, e.reason))
             members.extend([None] * (seg.hi - seg.lo))
         ev.bytes += counter[0]
@@ -151,7 +153,7 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
             if isinstance(e, (TypeError, AttributeError, NameError)):
                 raise
             ev.bad_samples += 1
-            log.warning("dropping sample %s of %s: %s", m.get("__key__"), src.url, e)
+            log.debug("dropping sample %s of %s: %s", m.get("__key__"), src.url, e)
             continue
         codes[k] = row
         present[k] = True

@@ -1,0 +1,146 @@
+"""Loader faults on local shards: corrupt shards skipped and counted, bad samples dropped, retries, limits."""
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import pytest
+
+from argen.data_pipeline import reader as reader_mod
+from argen.data_pipeline import shard_format as sf
+from argen.data_pipeline.loader import DataConfig, build_loader
+from argen.data_pipeline.retry import RetryConfig, ShardCorrupt, ShardUnreadable, read_with_retry
+from argen.errors import ArgenError
+from tests.test_loader import CODEBOOK, GRID, make_dataset, take
+
+FAST = RetryConfig(max_attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0)
+
+
+def flaky(failures):
+    calls = {"n": 0}
+
+    def read():
+        calls["n"] += 1
+        if calls["n"] <= len(failures):
+            raise failures[calls["n"] - 1]
+        return "data"
+
+    return read, calls
+
+
+def test_transient_errors_are_retried_with_backoff():
+    sleeps = []
+    read, calls = flaky([ConnectionResetError("reset"), TimeoutError("slow")])
+    got = read_with_retry("s3://b/x", read, RetryConfig(initial_backoff_s=1.0, max_backoff_s=3.0),
+                          sleep=sleeps.append)
+    assert got == "data" and calls["n"] == 3
+    assert len(sleeps) == 2 and 0.5 <= sleeps[0] <= 1.0 and 1.0 <= sleeps[1] <= 2.0   # exponential, jittered
+
+
+def test_corruption_is_confirmed_by_a_second_read():
+    read, calls = flaky([sf.ShardFormatError("truncated")])           # a one-off truncation: not corrupt
+    assert read_with_retry("u", read, FAST, sleep=lambda s: None) == "data"
+    read, calls = flaky([sf.ShardFormatError("bad")] * 5)
+    with pytest.raises(ShardCorrupt):
+        read_with_retry("u", read, FAST, sleep=lambda s: None)
+    assert calls["n"] == 2
+    read, calls = flaky([OSError("503")] * 5)
+    with pytest.raises(ShardUnreadable):
+        read_with_retry("u", read, FAST, sleep=lambda s: None)
+    assert calls["n"] == 3
+
+
+@pytest.fixture
+def corrupt_dataset(tmp_path):
+    prefix = str(tmp_path / "ds")
+    make_dataset(prefix, [6, 6, 6, 6], compression="gzip")
+    path = os.path.join(prefix, sf.shard_name(1, "gzip"))
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:                                       # keep the gzip header, garble the rest
+        f.write(data[:20] + bytes(len(data) - 20))
+    return prefix
+
+
+def test_corrupt_shard_is_skipped_logged_and_counted(corrupt_dataset, caplog):
+    with caplog.at_level("ERROR", logger="argen.data"):
+        loader = build_loader(DataConfig(url=corrupt_dataset, shuffle_buffer=5, num_workers=1, retry=FAST), 0, 1, 6)
+        batches = take(loader, 6)                                     # 2 epochs of the 18 good samples
+        stats = loader.stats()
+        loader.close()
+    ids = collections.Counter(i for b in batches for i in b["sample_id"].tolist())
+    assert sorted(ids) == [i for i in range(24) if not 6 <= i < 12]
+    assert set(ids.values()) == {2}
+    assert stats["corrupt_shards"] == 1 and stats["skipped_samples"] == 12
+    assert "shard-000001.tar.gz" in caplog.text
+
+
+def test_too_many_corrupt_shards_is_a_clear_error(corrupt_dataset):
+    loader = build_loader(DataConfig(url=corrupt_dataset, shuffle_buffer=5, num_workers=0, max_corrupt_shards=0,
+                                     retry=FAST), 0, 1, 6)
+    with pytest.raises(ArgenError, match=r"corrupt shards .*max_corrupt_shards=0.*shard-000001"):
+        take(loader, 4)
+    loader.close()
+
+
+def test_truncated_shard_and_bad_samples(tmp_path):
+    prefix = str(tmp_path / "ds")
+    m = make_dataset(prefix, [5, 5])
+    # shard 0 loses its tail: fewer samples than the manifest says
+    p0 = os.path.join(prefix, m.shards[0].name)
+    os.truncate(p0, 2 * 2048 + 600)                                   # mid-way through sample 2
+    # shard 1 gets a sample whose codes exceed the codebook: that sample alone is dropped
+    with sf.ShardWriter(prefix, 1, compression="none") as w:
+        for idx in range(5, 10):
+            codes = np.full((3, GRID * GRID), CODEBOOK + 5 if idx == 7 else 1, dtype=np.uint16)
+            w.write(sf.encode_sample(idx, codes, label=1))
+        w.commit()
+    loader = build_loader(DataConfig(url=prefix, shuffle_buffer=10, num_workers=0, retry=FAST), 0, 1, 4)
+    got = sorted(take(loader, 1)[0]["sample_id"].tolist())
+    s = loader.stats()
+    loader.close()
+    assert got == [5, 6, 8, 9]
+    assert s["corrupt_shards"] == 1 and s["bad_samples"] == 1
+
+
+def test_unreadable_shard_names_it_after_retries(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "ds")
+    make_dataset(prefix, [4, 4])
+    real_open = reader_mod.storage.open_url
+    attempts = collections.Counter()
+
+    def failing_open(url, mode="rb", **kw):
+        if url.endswith("shard-000001.tar"):
+            attempts[url] += 1
+            raise ConnectionRefusedError("connection refused")
+        return real_open(url, mode, **kw)
+
+    monkeypatch.setattr(reader_mod.storage, "open_url", failing_open)
+    loader = build_loader(DataConfig(url=prefix, shuffle=False, shuffle_buffer=4, num_workers=0, retry=FAST), 0, 1, 4)
+    assert next(loader)["sample_id"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ArgenError, match=r"cannot read shard .*shard-000001.tar after 3 attempts"):
+        next(loader)
+    loader.close()
+    assert sum(attempts.values()) == 3
+
+
+def test_transient_failure_recovers_without_changing_the_order(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "ds")
+    make_dataset(prefix, [4, 4, 4])
+    clean = build_loader(DataConfig(url=prefix, shuffle_buffer=3, num_workers=0, retry=FAST), 0, 1, 4)
+    want = [b["sample_id"].tolist() for b in take(clean, 6)]
+    clean.close()
+    real_open = reader_mod.storage.open_url
+    failures = {"left": 2}
+
+    def sometimes(url, mode="rb", **kw):
+        if failures["left"] and url.endswith("shard-000002.tar"):
+            failures["left"] -= 1
+            raise ConnectionResetError("server restarted")
+        return real_open(url, mode, **kw)
+
+    monkeypatch.setattr(reader_mod.storage, "open_url", sometimes)
+    loader = build_loader(DataConfig(url=prefix, shuffle_buffer=3, num_workers=0, retry=FAST), 0, 1, 4)
+    got = [b["sample_id"].tolist() for b in take(loader, 6)]
+    assert got == want and loader.stats()["retries"] == 2
+    loader.close()
