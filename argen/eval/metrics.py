@@ -92,8 +92,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def ssim(a: np.ndarray, b: np.ndarray, win: int = 7, k1: float = 0.01, k2: float = 0.03) -> float:
     """Mean SSIM of uint8 N×H×W×3 batches (scikit-image defaults, data range 255, mean over channels)."""
     _check_pair(a, b)
-    x = torch.as_tensor(a, dtype=torch.float64).permute(0, 3, 1, 2)
-    y = torch.as_tensor(b, dtype=torch.float64).permute(0, 3, 1, 2)
+    x = torch.tensor(a, dtype=torch.float64).permute(0, 3, 1, 2)
+    y = torch.tensor(b, dtype=torch.float64).permute(0, 3, 1, 2)
     c1, c2 = (k1 * 255) ** 2, (k2 * 255) ** 2
     n = win * win
     mean = lambda t: F.avg_pool2d(t, win, stride=1)  # noqa: E731  ('valid' window, skimage crops the border)
