@@ -66,8 +66,9 @@ VQ_SIZES: dict[str, VQConfig] = {
     "VQ-16": VQConfig(name="VQ-16", encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)),
     "VQ-8": VQConfig(name="VQ-8", encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),
     # Tiny models for tests and the CPU demo (64-px synthetic images -> 8x8 codes).
-    "VQ-tiny": VQConfig(name="VQ-tiny", codebook_size=1024, ch=32, encoder_ch_mult=(1, 2, 2, 4),
-                        decoder_ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, image_size=64),
+    "VQ-tiny": VQConfig(name="VQ-tiny", codebook_size=1024, ch=16, encoder_ch_mult=(1, 2, 2, 4),
+                        decoder_ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, norm_groups=8,
+                        image_size=64),
     "VQ-micro": VQConfig(name="VQ-micro", codebook_size=256, ch=8, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
                          num_res_blocks=1, z_channels=16, norm_groups=4, usage_buffer_len=1024, image_size=16),
 }
