@@ -137,12 +137,13 @@ def test_tokenize_dry_run(capsys, cfg, tmp_path):
 
 
 def test_eval_cron_dry_run_both_modes(capsys, tmp_path):
-    text = _dry(capsys, "eval-cron", str(tmp_path), "--every", "30m", "--mode", "resubmit", "-G", "1", "--dry-run")
+    text = _dry(capsys, "eval-cron", str(tmp_path), "--every", "30m", "--mode", "resubmit", "-G", "1", "--dry-run",
+                "--", "--vq", "/m/vq.safetensors", "--ref", "/m/ref.npz")
     o = _sbatch_opts(text)
     assert o["--job-name"] == f"argen-eval-{tmp_path.name}" and o["--gpus-per-node"] == "1"
     assert "EVERY_S=1800" in text and '--begin=now+$EVERY_S --dependency=singleton "$SELF"' in text
     assert f"SELF={tmp_path}/slurm/argen-eval-{tmp_path.name}.sbatch" in text
-    assert f"eval watch {tmp_path} --once" in text
+    assert f"eval watch {tmp_path} --once --vq /m/vq.safetensors --ref /m/ref.npz)" in text
     cron = _dry(capsys, "eval-cron", str(tmp_path), "--every", "2h", "--mode", "scrontab", "-p", "cpu", "--dry-run")
     assert "#SCRON --partition=cpu" in cron and f"\n0 */2 * * * {sys.executable} -m argen.cli eval watch {tmp_path} --once" in cron
 

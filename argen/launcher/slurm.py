@@ -269,7 +269,7 @@ def _parse_kv_line(line: str) -> dict:
     WorkDir, StdOut, Comment ...), so split on ' Key=' boundaries."""
     out = {}
     for m in re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=(.*?)(?=\s[A-Za-z][A-Za-z0-9_:/]*=|$)", line.strip()):
-        out[m.group(1)] = m.group(2)
+        out[m.group(1)] = m.group(2).strip()
     return out
 
 

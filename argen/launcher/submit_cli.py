@@ -4,7 +4,7 @@ and scaling jobs; show a job's status.
     argen submit train configs/gpt-b.yaml --nodes 4 --gpus-per-node 8 --time 2-00:00:00 --partition gpu
     argen submit train configs/gpt-tiny.yaml --nodes 2 --tasks-per-node 2 --time 10 --dry-run train.max_steps=50
     argen submit tokenize configs/tokenize-imagenet.yaml --array 64 --gpus-per-task 1
-    argen submit eval-cron runs/gpt-b --every 30m --gpus-per-node 1
+    argen submit eval-cron runs/gpt-b --every 30m --gpus-per-node 1 -- --vq vq.safetensors --ref ref.npz
     argen submit scaling configs/gpt-b.yaml --nodes 1,2,4,8 --gpus-per-node 8 --time 30 train.max_steps=200
     argen submit status 12345
 
@@ -501,8 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_tokenize)
 
     e = sub.add_parser("eval-cron", help="evaluate a run's new checkpoints on a schedule",
-                       description="Install a recurring `argen eval watch RUN_DIR --once`: a scrontab entry where "
-                                   "the cluster enables scrontab, else a job that resubmits itself with --begin.")
+                       description="Install a recurring `argen eval watch RUN_DIR --once [ARGS after --]`: a "
+                                   "scrontab entry where the cluster enables scrontab, else a job that resubmits "
+                                   "itself with --begin.",
+                       epilog="Arguments after `--` go to `argen eval watch` (e.g. -- --vq VQ --ref REF).")
     e.add_argument("run_dir", help="training run directory to watch")
     e.add_argument("--every", default="30m", help="interval: 30m, 2h, 1d, 90s (default 30m)")
     e.add_argument("--mode", choices=["auto", "scrontab", "resubmit"], default="auto",
@@ -541,8 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if argv and argv[0] == "eval-cron" and "--" in argv:  # eval-cron RUN_DIR ... -- <args for argen eval watch>
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     # overrides may come before or after options: collect the key=value words argparse left over
     args, extra = parser.parse_known_args(argv)
+    if passthrough:
+        args.eval_arg = [*args.eval_arg, *passthrough]
     if extra:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,0 +1,205 @@
+"""Jobs on the real local Slurm cluster (ci/infra/slurm-up.sh: 2 emulated nodes x 2 CPUs).
+
+The batch scripts are the ones `argen submit` renders from slurm/*.sbatch. Where the real `argen train` is not
+needed to show the Slurm side (rendezvous, signal forwarding, requeue, scaling collection), a small trainer
+stand-in that uses argen's dist_env and preemption modules runs instead; tests/test_slurm_argen.py runs the real
+trainer and tokenizer under the same templates.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from argen.launcher import slurm as sl
+from argen.launcher import submit_cli
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(150)]
+
+# A trainer in miniature: same launch detection, same preemption flag, exact resume from its checkpoint.
+STANDIN = r'''
+import json, os, socket, sys, time
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from argen.launcher import dist_env, preemption
+
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+out = Path(args["train.out_dir"]); steps = int(args.get("train.max_steps", 20))
+step_time = float(args.get("step_time", 0.2)); resume = args.get("train.resume", "never")
+env, device = dist_env.init()
+preemption.install()
+if env.rank == 0:
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with open(out / "ranks.jsonl", "a") as f:
+        f.write(json.dumps({"restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))}) + "\n")
+t = torch.tensor([float(env.rank + 1)])
+if env.world_size > 1:
+    dist.all_reduce(t)
+with open(out / f"rank{env.rank}.json", "w") as f:
+    json.dump({"rank": env.rank, "world": env.world_size, "local": env.local_rank, "host": socket.gethostname(),
+               "master": env.master_addr, "port": env.master_port, "launcher": env.launcher,
+               "sum": t.item()}, f)
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+ck = out / "checkpoints" / "last.pt"
+step = 0
+if resume == "auto" and ck.exists():
+    state = torch.load(ck)
+    model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); step = state["step"]
+    print(f"resumed from step {step}", flush=True)
+t0 = time.time()
+while step < steps:
+    g = torch.Generator().manual_seed(1000 + step * env.world_size + env.rank)
+    x = torch.randn(16, 8, generator=g); y = x.sum(1, keepdim=True)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    opt.zero_grad(); loss.backward()
+    if env.world_size > 1:
+        for p in model.parameters():
+            dist.all_reduce(p.grad); p.grad /= env.world_size
+        dist.all_reduce(loss := loss.detach().clone()); loss /= env.world_size
+    opt.step(); step += 1
+    time.sleep(step_time)
+    if env.rank == 0:
+        dt = time.time() - t0; t0 = time.time()
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss.item(), "tokens_per_s": 16 * env.world_size / dt,
+                                "mfu": 0.01 * env.world_size, "world_size": env.world_size}) + "\n")
+    if preemption.stop_requested():
+        if env.rank == 0:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+        print(f"rank {env.rank}: {preemption.reason()} -> saved checkpoint at step {step}", flush=True)
+        sys.exit(0)
+print(f"rank {env.rank}: finished {steps} steps", flush=True)
+'''
+
+
+def _standin(tmp: Path) -> list[str]:
+    p = tmp / "standin_train.py"
+    p.write_text(STANDIN)
+    return [str(p)]
+
+
+def _submit_standin(slurm, run_dir: Path, *, nodes: int, tasks: int, overrides: list[str], requeue=True,
+                    time_limit="5") -> tuple[str, Path]:
+    name = slurm.name("train")
+    r = sl.Resources(job_name=name, time=time_limit, chdir=str(Path.cwd()))
+    text = submit_cli.render_train("unused.yaml", [f"train.out_dir={run_dir}", *overrides], nodes=nodes,
+                                   gpus_per_node=0, tasks_per_node=tasks, cpus_per_task=None, resources=r,
+                                   run_dir=run_dir, log_dir=run_dir / "slurm", python=sys.executable,
+                                   signal_lead_s=60, requeue=requeue, entry=_standin(slurm.workdir))
+    script = sl.write_script(text, run_dir / "slurm" / f"{name}.sbatch")
+    job = sl.sbatch(script)
+    return job, run_dir / "slurm" / f"{name}-{job}.out"
+
+
+def _log(path: Path) -> str:
+    return path.read_text() if path.exists() else "<no log>"
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]  # a step logged twice (re-run after resume) keeps the newest value
+    return out
+
+
+def test_two_nodes_two_tasks_rendezvous(slurm):
+    run = slurm.workdir / "rdv"
+    job, log = _submit_standin(slurm, run, nodes=2, tasks=2, overrides=["train.max_steps=2", "step_time=0"])
+    assert slurm.wait_done(job, 120) == "COMPLETED", _log(log)
+    ranks = sorted((json.loads((run / f"rank{i}.json").read_text()) for i in range(4)), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
+    assert all(r["world"] == 4 and r["launcher"] == "srun" for r in ranks)
+    assert all(r["sum"] == 10.0 for r in ranks), ranks           # gloo all_reduce over all 4 ranks
+    assert {r["host"] for r in ranks} == {"n1", "n2"}              # really two (emulated) nodes
+    assert [r["local"] for r in ranks] == [0, 1, 0, 1]
+    first = ranks[0]["host"]
+    assert all(r["master"] == first and r["port"] == 20000 + int(job) % 20000 for r in ranks)
+    text = _log(log)
+    assert f"rendezvous {first}:{20000 + int(job) % 20000}" in text and "tasks exited with status 0" in text
+
+
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm):
+    steps = ["train.max_steps=30", "step_time=0.25"]
+    ref, ref_log = _submit_standin(slurm, slurm.workdir / "ref", nodes=1, tasks=2, overrides=steps, requeue=False)
+    run = slurm.workdir / "pre"
+    job, log = _submit_standin(slurm, run, nodes=1, tasks=2, overrides=steps)
+    slurm.wait_until(lambda: (run / "metrics.jsonl").exists() and
+                     len((run / "metrics.jsonl").read_text().splitlines()) >= 5, 60, "5 training steps")
+    sl.scancel(job, signal="USR1", batch=True)   # what --signal=B:USR1@N delivers before the time limit
+    # the job requeues itself (Slurm holds it ~cred_expire=10 s), runs again and completes
+    slurm.wait_until(lambda: slurm.job(job).get("Restarts") == "1", 60, f"job {job} to be requeued\n{_log(log)}")
+    assert slurm.wait_done(job, 90) == "COMPLETED", _log(log)
+    assert slurm.wait_done(ref, 60) == "COMPLETED", _log(ref_log)
+    text = _log(log)
+    assert "USR1 (preemption or time limit)" in text and f"requeueing job {job}" in text
+    saved = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "saved checkpoint at step" in line]
+    assert len(saved) == 2 and saved[0] == saved[1], text          # both ranks stopped at the same step
+    k = saved[0]
+    assert 5 <= k < 30 and f"resumed from step {k}" in text and "finished 30 steps" in text
+    restarts = [json.loads(x)["restart"] for x in (run / "ranks.jsonl").read_text().splitlines()]
+    assert restarts == [0, 1]
+    got, want = _losses(run), _losses(slurm.workdir / "ref")
+    assert sorted(got) == list(range(1, 31)) == sorted(want)
+    assert all(abs(got[s] - want[s]) <= 1e-6 * max(1.0, abs(want[s])) for s in want), (got, want)
+    assert slurm.job(job).get("Restarts") == "1" and slurm.job(ref).get("Restarts") == "0"
+
+
+def test_plain_cancel_saves_and_does_not_requeue(slurm):
+    run = slurm.workdir / "cancel"
+    job, log = _submit_standin(slurm, run, nodes=1, tasks=1, overrides=["train.max_steps=200", "step_time=0.2"])
+    slurm.wait_until(lambda: (run / "metrics.jsonl").exists(), 60, "a training step")
+    subprocess.run(["scancel", job], check=True)
+    slurm.wait_state(job, "CANCELLED", 30)
+    slurm.wait_until(lambda: "saved checkpoint" in _log(log), 15, f"checkpoint on cancel\n{_log(log)}")
+    text = _log(log)
+    assert "SIGTERM -> saved checkpoint" in text and "requeueing" not in text
+    assert (run / "checkpoints" / "last.pt").exists()
+    time.sleep(3)
+    assert slurm.state(job) == "CANCELLED" and slurm.job(job).get("Restarts") == "0"
+
+
+def test_status_reports_live_and_finished_jobs(slurm, capsys):
+    run = slurm.workdir / "st"
+    job, log = _submit_standin(slurm, run, nodes=1, tasks=1, overrides=["train.max_steps=3", "step_time=0.2"])
+    slurm.wait_state(job, ("RUNNING", "COMPLETED"), 30)
+    assert slurm.wait_done(job, 60) == "COMPLETED", _log(log)
+    assert submit_cli.main(["status", job]) == 0
+    out = capsys.readouterr().out
+    assert f"job {job} (from scontrol)" in out and "JobState" in out and "COMPLETED" in out
+    assert "last metrics  step=3" in out                          # read from the run dir named in the job comment
+    assert submit_cli.main(["status", job, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["records"][0]["JobState"] == "COMPLETED" and data["records"][0]["ExitCode"] == "0:0"
+    assert submit_cli.main(["status", "999999"]) == 1
+    assert "unknown to Slurm" in capsys.readouterr().err
+    # jobs that scontrol has forgotten are found in jobcomp (no accounting DB here), or in sacct where it exists
+    recs = sl.jobcomp_records(job) or sl.sacct(job)
+    assert recs and (recs[-1].get("JobState") or recs[-1].get("State")) == "COMPLETED"
+
+
+def test_eval_cron_resubmits_itself(slurm, tmp_path, capsys):
+    run = tmp_path / "evalrun"
+    run.mkdir()
+    name = slurm.name("eval")
+    # `-- --help`: the evaluator's own arguments pass through; --help makes it print its usage and exit 0
+    assert submit_cli.main(["eval-cron", str(run), "--every", "3s", "--mode", "resubmit", "--time", "2",
+                            "--job-name", name, "--", "--help"]) == 0
+    first = capsys.readouterr().out.split("job ")[1].split()[0]
+    log = run / "slurm" / f"{name}.out"
+    # two runs of the chain, each queueing the next one
+    slurm.wait_until(lambda: _log(log).count("next evaluation queued") >= 2, 60, f"two chain links\n{_log(log)}")
+    text = _log(log)
+    assert f"evaluating {run} (job {first})" in text and "usage: argen eval watch" in text
+    # a second install is refused while the chain lives; --remove stops it
+    with pytest.raises(Exception, match="already queued"):
+        submit_cli.main(["eval-cron", str(run), "--every", "3s", "--mode", "resubmit", "--job-name", name])
+    assert submit_cli.main(["eval-cron", str(run), "--mode", "resubmit", "--remove", "--job-name", name]) == 0
+    slurm.wait_until(lambda: not submit_cli._existing_jobs(name), 20, "the chain to be cancelled")
