@@ -6,7 +6,7 @@ Format version 1
 A data set is a directory (local path or `s3://bucket/prefix`) holding
 
     manifest.json                 written last; its presence means the data set is complete
-    shard-000000.tar[.gz]         WebDataset tar shards, numbered from 0 with no gaps
+    shard-000000.tar[.gz]         WebDataset tar shards, numbered from 0
     shard-000001.tar[.gz]
     ...
     _work/                        (only while a job runs) per-shard records used to resume and to finalize
@@ -29,7 +29,10 @@ Samples are consecutive tar members sharing a key (WebDataset convention, key = 
                       the raw bits in a uint16 array (numpy has no bfloat16) — decode_sample restores the dtype.
 
 Keys are the zero-padded global source index (`%010d`): the position of the input in the source's deterministic
-order, so a key names the same image in every run, part split or resume.
+order, so a key names the same image in every run, part split or resume. Sources with their own unique keys
+(img2dataset) keep them, with '.' and '/' replaced by '_'.
+
+The manifest's shard list is authoritative: a shard index whose inputs were all skipped has no file.
 
 manifest.json
 -------------
@@ -94,8 +97,13 @@ def manifest_url(prefix: str) -> str:
     return storage.join(prefix, MANIFEST_NAME)
 
 
-def sample_key(index: int) -> str:
-    return f"{index:010d}"
+def sample_key(index: int | str) -> str:
+    """`%010d` of an integer source index; a string key (e.g. img2dataset's) is used as is but checked."""
+    if isinstance(index, str):
+        if not index or "." in index or "/" in index:
+            raise ValueError(f"sample key {index!r} must be non-empty without '.' or '/'")
+        return index
+    return f"{int(index):010d}"
 
 
 # ------------------------------------------------------------------------------------------------- samples
@@ -157,7 +165,7 @@ def t5_from_numpy(arr: np.ndarray, dtype: str):
     raise ShardFormatError(f"unknown T5 dtype {dtype!r}")
 
 
-def encode_sample(index: int, codes: Any, label: int | None = None, caption: str | None = None,
+def encode_sample(index: int | str, codes: Any, label: int | None = None, caption: str | None = None,
                   t5: Any = None, t5_dtype: str = "bfloat16", codebook_size: int | None = None) -> dict[str, bytes]:
     """One sample's tar members {"__key__": ..., "codes.npy": ..., "cls"|"txt": ..., ["t5.npy"]} (values are bytes)."""
     members: dict[str, Any] = {"__key__": sample_key(index), "codes.npy": _npy_bytes(codes_to_uint16(codes, codebook_size))}
@@ -180,6 +188,7 @@ class Sample:
 
     @property
     def index(self) -> int:
+        """The source index (integer keys); string keys (img2dataset) raise ValueError."""
         return int(self.key)
 
 
