@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RUN_DIR/eval/metrics.png. RUN_DIR may be local or an fsspec URL (s3://...).")
     w.add_argument("run_dir", help="training run directory or URL")
     w.add_argument("--vq", required=True, help="VQ tokenizer directory (local)")
-    w.add_argument("--ref", required=True, help="reference batch .npz (local)")
+    w.add_argument("--ref", help="reference batch .npz (local) for FID/sFID/IS/precision/recall")
+    w.add_argument("--clip", help="local CLIP directory: also compute the CLIP score (t2i, needs --captions)")
+    w.add_argument("--name", default="default",
+                   help="evaluation name: records live under RUN_DIR/eval/results/NAME/ (one per protocol)")
     w.add_argument("--inception", help="FID Inception weights (see `argen eval score --help`)")
     w.add_argument("--once", action="store_true", help="evaluate what is pending, then exit (for cron/scrontab)")
     w.add_argument("--interval", type=float, default=300, help="seconds between scans without --once (default 300)")
@@ -151,8 +154,11 @@ def _sample(args) -> int:
 
 def _watch(args) -> int:
     from argen.eval.watch import WatchOptions, watch
+    if not args.ref and not args.clip:
+        raise ArgenError("argen eval watch needs --ref REF.npz, or --clip DIR for t2i, or both")
     opts = WatchOptions(run_dir=args.run_dir, vq=args.vq, ref=args.ref, inception=args.inception,
-                        protocol=protocol_from_args(args), captions=args.captions, lock_ttl=args.lock_ttl,
+                        protocol=protocol_from_args(args), captions=args.captions, clip=args.clip,
+                        name=args.name, lock_ttl=args.lock_ttl,
                         max_attempts=args.max_attempts, work_dir=args.work_dir, keep_samples=args.keep_samples,
                         wandb=args.wandb, wandb_project=args.wandb_project)
     return watch(opts, once=args.once, interval=args.interval)
