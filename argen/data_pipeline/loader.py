@@ -306,6 +306,7 @@ class ShardLoader:
             raise RuntimeError(f"loader schedule out of step: expected block {(d, e, b, off)}, got "
                                f"{(item['component'], item['epoch'], item['block'], item['offset'])}")
         self._account(item["events"])
+        item["present_list"] = item["present"].tolist()   # per-row checks on a list, not tensor indexing
         return item
 
     def _account(self, ev: ReadEvents) -> None:
@@ -346,14 +347,14 @@ class ShardLoader:
             choices = self.mixture.choices(self.position, self.batch_size - len(rows))
             for d in choices.tolist():
                 item = self._current[d]
-                if item is None or self._cursor[d] >= len(item["present"]):
+                if item is None or self._cursor[d] >= len(item["present_list"]):
                     item = self._current[d] = self._next_block(d)
                     self._cursor[d] = 0
                 r = self._cursor[d]
                 self._cursor[d] += 1
                 self.consumed[d] += 1
                 self.position += 1
-                if bool(item["present"][r]):
+                if item["present_list"][r]:
                     k = ids.get(id(item))
                     if k is None:
                         k = ids[id(item)] = len(items)

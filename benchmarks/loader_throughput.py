@@ -1,0 +1,185 @@
+"""Loader throughput: the reference's one-.npy-per-sample layout vs argen's shard loader (local disk and S3).
+
+    .venv/bin/python benchmarks/loader_throughput.py [--samples 6000] [--batch 64] [--workers 2] [--no-s3] [--no-gpt]
+
+Prints, from one run on the same synthetic codes (256 px ten-crop: 10 augmentations x 256 tokens per sample):
+- reference: LlamaGen's layout (`{i}.npy` int64 (1, 10, 256) + `{i}.npy` label per sample, llamagen.md 5.1) through
+  a map-style Dataset (random augmentation column per access) and torch DataLoader (shuffle, drop_last);
+- argen local: build_loader over gzip WebDataset shards (1000 samples each) on local disk;
+- argen s3: the same shards on the S3 test server (needs `bash ci/infra/s3-up.sh`; skipped if it is not up);
+- the data wait of a GPT-B c2i training step on this CPU (argen.model.gpt), from loader.stats()["wait_fraction"].
+Both loaders use the same number of worker processes and batch size. Page cache is warm for both (files were just
+written), which favours the reference: on a cold network file system its per-file opens cost far more.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from argen.data_pipeline import shard_format as sf  # noqa: E402
+from argen.data_pipeline.loader import DataConfig, build_loader  # noqa: E402
+
+N_AUG, TOKENS, VOCAB, PER_SHARD = 10, 256, 16384, 1000
+
+
+class ReferenceCodes(torch.utils.data.Dataset):
+    """LlamaGen dataset/imagenet.py CustomDataset for a '...flip...' code dir: one file pair per sample."""
+
+    def __init__(self, feature_dir: str, label_dir: str, n: int):
+        self.feature_dir, self.label_dir, self.n = feature_dir, label_dir, n
+        self.flip = True
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        features = np.load(os.path.join(self.feature_dir, f"{index}.npy"))
+        if self.flip:
+            aug_idx = torch.randint(low=0, high=features.shape[1], size=(1,)).item()
+            features = features[:, aug_idx]
+        labels = np.load(os.path.join(self.label_dir, f"{index}.npy"))
+        return torch.from_numpy(features), torch.from_numpy(labels)
+
+
+def write_data(root: str, n: int, s3_prefix: str | None, compression: str) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    fdir, ldir = os.path.join(root, "imagenet256_codes_flip"), os.path.join(root, "imagenet256_labels")
+    os.makedirs(fdir)
+    os.makedirs(ldir)
+    shards_local = os.path.join(root, "shards")
+    infos, infos_s3 = [], []
+    for s in range(-(-n // PER_SHARD)):
+        w = sf.ShardWriter(shards_local, s, compression=compression)
+        w3 = sf.ShardWriter(s3_prefix, s, compression=compression) if s3_prefix else None
+        for i in range(s * PER_SHARD, min(n, (s + 1) * PER_SHARD)):
+            codes = rng.integers(0, VOCAB, size=(N_AUG, TOKENS))
+            label = int(rng.integers(0, 1000))
+            np.save(os.path.join(fdir, f"{i}.npy"), codes[None].astype(np.int64))
+            np.save(os.path.join(ldir, f"{i}.npy"), np.array([label], dtype=np.int64))
+            members = sf.encode_sample(i, codes, label=label, codebook_size=VOCAB)
+            w.write(members)
+            if w3:
+                w3.write(members)
+        infos.append(w.commit())
+        if w3:
+            infos_s3.append(w3.commit())
+    for prefix, shard_infos in ((shards_local, infos), (s3_prefix, infos_s3)):
+        if prefix:
+            sf.write_manifest(prefix, sf.Manifest(tokenizer={"id": "bench"}, codebook_size=VOCAB, image_size=256,
+                                                  grid=16, augmentations=[f"crop{k}" for k in range(N_AUG)],
+                                                  conditioning="class", num_classes=1000, shards=shard_infos,
+                                                  compression=compression))
+    return root, shards_local
+
+
+def bench_reference(root: str, n: int, batch: int, workers: int) -> float:
+    ds = ReferenceCodes(os.path.join(root, "imagenet256_codes_flip"), os.path.join(root, "imagenet256_labels"), n)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                     persistent_workers=False)
+    t0 = time.perf_counter()
+    seen = 0
+    for x, y in dl:
+        seen += x.shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def bench_argen(url: str, n: int, batch: int, workers: int) -> float:
+    loader = build_loader(DataConfig(url=url, num_workers=workers, shuffle_buffer=2048, prefetch_blocks=2),
+                          0, 1, batch)
+    t0 = time.perf_counter()
+    for _ in range(n // batch):
+        next(loader)
+    rate = (n // batch) * batch / (time.perf_counter() - t0)
+    loader.close()
+    return rate
+
+
+def gpt_b_wait(url: str, batch: int, workers: int, steps: int) -> tuple[float, float]:
+    from argen.model.gpt import GPT, gpt_config, gpt_loss
+
+    model = GPT(gpt_config("GPT-B", image_size=256, vocab_size=VOCAB))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    loader = build_loader(DataConfig(url=url, num_workers=workers, shuffle_buffer=2048), 0, 1, batch)
+
+    def step(b):
+        logits = model(b["codes"], b["labels"])
+        loss = gpt_loss(logits, b["codes"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(next(loader))           # warm-up: first batch includes pipeline start-up, first step allocator warm-up
+    loader.stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(next(loader))
+    step_s = (time.perf_counter() - t0) / steps
+    wait = loader.stats()["wait_fraction"]
+    loader.close()
+    return step_s, wait
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--compression", choices=sf.COMPRESSIONS, default="gzip",
+                    help="shard compression (gzip is the tokenizer default; codes compress poorly)")
+    ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--no-gpt", action="store_true")
+    ap.add_argument("--gpt-batch", type=int, default=8)
+    ap.add_argument("--gpt-steps", type=int, default=3)
+    args = ap.parse_args()
+
+    s3_prefix = None
+    if not args.no_s3:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from s3_fixture import _client, answers, delete_bucket, server_env
+
+        env = server_env()
+        if env.get("AWS_ENDPOINT_URL") and answers(env["AWS_ENDPOINT_URL"]):
+            os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+            bucket = f"argen-bench-{uuid.uuid4().hex[:8]}"
+            _client(env).create_bucket(Bucket=bucket)
+            s3_prefix = f"s3://{bucket}/imagenet256"
+        else:
+            print("S3 server not reachable: skipping the S3 measurement (bash ci/infra/s3-up.sh)")
+    root = tempfile.mkdtemp(prefix="argen-loader-bench-")
+    try:
+        t0 = time.perf_counter()
+        _, shards = write_data(root, args.samples, s3_prefix, args.compression)
+        print(f"data: {args.samples} samples of ({N_AUG}, {TOKENS}) codes, written in {time.perf_counter() - t0:.1f}s;"
+              f" {args.compression} shards of {PER_SHARD}; batch {args.batch}, {args.workers} workers, "
+              f"{os.cpu_count()} CPUs")
+        ref = bench_reference(root, args.samples, args.batch, args.workers)
+        print(f"reference (.npy per sample, map-style Dataset): {ref:10.0f} samples/s")
+        loc = bench_argen(shards, args.samples, args.batch, args.workers)
+        print(f"argen loader, local shards:                     {loc:10.0f} samples/s   {loc / ref:6.1f}x reference")
+        if s3_prefix:
+            s3 = bench_argen(s3_prefix, args.samples, args.batch, args.workers)
+            print(f"argen loader, S3 shards:                        {s3:10.0f} samples/s   {s3 / ref:6.1f}x reference,"
+                  f" local/S3 = {loc / s3:.2f}")
+        if not args.no_gpt:
+            step_s, wait = gpt_b_wait(shards, args.gpt_batch, args.workers, args.gpt_steps)
+            print(f"GPT-B c2i 256px training step on this CPU (batch {args.gpt_batch}): {step_s:.2f} s/step, "
+                  f"data wait {100 * wait:.3f}% of step time")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if s3_prefix:
+            delete_bucket(server_env(), s3_prefix.split("/")[2])
+
+
+if __name__ == "__main__":
+    main()
