@@ -242,3 +242,42 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     watch_once(WatchOptions(run_dir=str(run), wandb="auto"), evaluate=CountingEval(), log=messages.append)
     assert not any("wandb logging failed" in m for m in messages), messages
     assert (run / "eval" / "wandb").is_dir() and list((run / "eval" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(180)
+def test_racing_watchers_on_s3(s3_bucket, tmp_path):
+    """The same guarantees on object storage (create-exclusive puts with If-None-Match)."""
+    import fsspec
+    run = f"{s3_bucket}/runs/r1"
+    fs, root = fsspec.core.url_to_fs(run)
+    for s in (1, 2, 3, 4):
+        local = fake_export(tmp_path / "local", s)
+        for name in ("model.safetensors", "config.json"):
+            fs.put_file(str(local / name), f"{root}/exports/{local.name}/{name}")
+    ev = CountingEval(delay=0.2)
+    seen_dirs = []
+
+    def evaluate(export_dir, opts, work, tag):
+        seen_dirs.append(export_dir)
+        return ev(export_dir, opts, work, tag)
+
+    start = threading.Barrier(2)
+
+    def watcher():
+        start.wait()
+        watch_once(_opts(run), evaluate=evaluate, log=lambda m: None)
+
+    threads = [threading.Thread(target=watcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(ev.calls) == [f"step-{s:08d}" for s in (1, 2, 3, 4)]
+    # the exports were copied to local scratch (config.json last) for the sampler
+    assert all(not d.startswith("s3://") and d.endswith(("00001", "00002", "00003", "00004")) for d in seen_dirs)
+    fs.invalidate_cache()
+    lines = [json.loads(x) for x in fs.cat_file(f"{root}/eval/results.jsonl").decode().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[0]["export"].startswith("s3://")
+    assert fs.exists(f"{root}/eval/metrics.png")
+    assert watch_once(_opts(run), evaluate=ev, log=lambda m: None) == [] and len(ev.calls) == 4

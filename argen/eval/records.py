@@ -52,18 +52,26 @@ class Store:
         return path if self.local else self.fs.unstrip_protocol(path)
 
     def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache()  # other watchers write here: never answer from a cached listing
         return self.fs.exists(path)
 
     def read_json(self, path: str) -> dict | None:
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}
+        """The parsed file, None if absent, {} if unreadable (e.g. caught mid-rewrite on a store without atomic
+        overwrite)."""
+        self.fs.invalidate_cache()
+        for attempt in range(3):
+            try:
+                return json.loads(self.fs.cat_file(path))  # one GET: no etag check against a racing rewrite
+            except FileNotFoundError:
+                return None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return {}
+            except OSError:  # e.g. s3fs FileExpired when a heartbeat replaced the object under us
+                time.sleep(0.05 * (attempt + 1))
+        return {}
 
     def glob(self, pattern: str) -> list[str]:
+        self.fs.invalidate_cache()
         return sorted(self.fs.glob(pattern))
 
     def create_exclusive(self, path: str, data: bytes) -> None:
@@ -88,8 +96,9 @@ class Store:
                 f.write(data)
         except FileExistsError:
             raise ExistsError(path) from None
-        except OSError as e:  # s3fs reports a failed If-None-Match as PreconditionFailed
-            if "Precondition" in str(e) or "412" in str(e):
+        except OSError as e:  # s3fs reports a failed If-None-Match as an OSError about pre-conditions (412)
+            msg = str(e).lower().replace("-", "")
+            if "precondition" in msg or "412" in msg:
                 raise ExistsError(path) from None
             raise
 
@@ -194,6 +203,11 @@ class Records:
         info = self.store.read_json(path)
         if info is None:  # vanished between list and read: someone is rewriting it; look again next pass
             return "held", gen + 1
+        if not info:  # unreadable: judge by the object's own modification time instead of its heartbeat
+            try:
+                info = {"state": "running", "heartbeat": self.store.fs.modified(path).timestamp()}
+            except Exception:
+                return "held", gen + 1
         state, beat = info.get("state", "running"), float(info.get("heartbeat", 0))
         if state == "running" and _now() - beat < self.lock_ttl:
             return "held", gen + 1
