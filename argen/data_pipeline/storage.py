@@ -166,10 +166,21 @@ def delete(url: str, missing_ok: bool = True) -> None:
     fs, path = get_fs(url)
     _fresh(fs, path)
     try:
-        fs.rm(path, recursive=fs.isdir(path))
+        is_dir = fs.isdir(path)
+        fs.rm(path, recursive=is_dir)
     except FileNotFoundError:
         if not missing_ok:
             raise
+        return
+    if is_dir and is_remote_fs(fs) and hasattr(fs, "call_s3"):
+        # Some S3 servers (SeaweedFS) keep an emptied "directory" listed until its `dir/` key is deleted;
+        # on AWS this deletes nothing.
+        bucket, _, key = path.partition("/")
+        try:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
+        except Exception:
+            pass
+        _fresh(fs, path)
 
 
 def list_names(prefix: str) -> list[str]:
