@@ -29,7 +29,7 @@ import torch.distributed as dist
 from argen.launcher import dist_env, preemption
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
-out = Path(args["train.out_dir"]); steps = int(args.get("train.max_steps", 20))
+out = Path(args["run_dir"]); steps = int(args.get("train.max_steps", 20))
 step_time = float(args.get("step_time", 0.2)); resume = args.get("train.resume", "never")
 env, device = dist_env.init()
 preemption.install()
@@ -89,7 +89,7 @@ def _submit_standin(slurm, run_dir: Path, *, nodes: int, tasks: int, overrides: 
                     time_limit="5") -> tuple[str, Path]:
     name = slurm.name("train")
     r = sl.Resources(job_name=name, time=time_limit, chdir=str(Path.cwd()))
-    text = submit_cli.render_train("unused.yaml", [f"train.out_dir={run_dir}", *overrides], nodes=nodes,
+    text = submit_cli.render_train("unused.yaml", [f"run_dir={run_dir}", *overrides], nodes=nodes,
                                    gpus_per_node=0, tasks_per_node=tasks, cpus_per_task=None, resources=r,
                                    run_dir=run_dir, log_dir=run_dir / "slurm", python=sys.executable,
                                    signal_lead_s=60, requeue=requeue, entry=_standin(slurm.workdir))

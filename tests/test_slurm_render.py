@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def cfg(tmp_path):
     p = tmp_path / "recipe.yaml"
-    p.write_text("train:\n  out_dir: %s\n  lr: 1.0e-3\n" % (tmp_path / "run"))
+    p.write_text("run_dir: %s\ntrain:\n  lr: 1.0e-3\n" % (tmp_path / "run"))
     return p
 
 
@@ -70,8 +70,8 @@ def test_train_cpu_layout_and_defaults(capsys, tmp_path, monkeypatch):
     o = _sbatch_opts(text)
     assert o["--nodes"] == "2" and o["--ntasks-per-node"] == "2" and "--gpus-per-node" not in o
     assert o["--signal"] == "B:USR1@60" and o["--chdir"] == str(tmp_path)
-    # no train.out_dir in the recipe: argen picks runs/<recipe> and passes it on
-    assert f"train.out_dir={tmp_path / 'runs' / 'tiny'}" in text
+    # no run_dir in the recipe: argen picks runs/<recipe> and passes it on
+    assert f"run_dir={tmp_path / 'runs' / 'tiny'}" in text
     assert "RESUME=()" in text  # the user's own train.resume wins
     assert "TRAIN_CMD=(/opt/py/bin/python -m argen.cli train" in text and "GPUS_PER_NODE=0" in text
     assert "--partition" not in o and "--account" not in o
@@ -130,8 +130,8 @@ def test_tokenize_dry_run(capsys, cfg, tmp_path):
     a, f = _sbatch_opts(array_part), _sbatch_opts(final_part)
     assert a["--array"] == "0-7%3" and a["--cpus-per-task"] == "4" and a["--output"].endswith("%x-%A_%a.out")
     assert f["--dependency"] == "afterok:<ARRAY_JOB_ID>" and f["--job-name"].endswith("-finalize")
-    assert f"tokenize {cfg} data.root=/x" in array_part
-    assert f"tokenize {cfg} --finalize --parts=8 data.root=/x" in final_part
+    assert f"tokenize --no-progress {cfg} data.root=/x)" in array_part   # parts from SLURM_ARRAY_TASK_ID/COUNT
+    assert f"tokenize --no-progress --finalize {cfg} data.root=/x)" in final_part
     for part in (array_part, final_part):
         subprocess.run(["bash", "-n"], input=part.split("\n", 1)[1], text=True, check=True)
 

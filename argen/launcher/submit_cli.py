@@ -26,7 +26,8 @@ from argen.errors import ArgenError
 from argen.launcher import slurm
 from argen.launcher.slurm import q, words
 
-RESUME_KEY = "train.resume"  # the trainer's config key: auto = newest checkpoint in train.out_dir, if any
+RUN_DIR_KEY = "run_dir"      # the trainer's config key for its output directory (checkpoints, metrics, exports)
+RESUME_KEY = "train.resume"  # the trainer's config key: auto = newest checkpoint in the run dir, if any
 DEFAULT_SIGNAL_LEAD_S = 120   # USR1 this long before the time limit (Slurm delivers it within ~30 s of that)
 
 
@@ -126,11 +127,10 @@ def _add_layout(p: argparse.ArgumentParser, nodes: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------------------ train
 def _train_run_dir(config: str, overrides: list[str]) -> tuple[Path, list[str]]:
-    out_dir = _config_value(config, overrides, "train.out_dir")
-    if out_dir:
-        return Path(str(out_dir)).resolve(), overrides
-    run_dir = Path("runs", Path(config).stem).resolve()
-    return run_dir, [*overrides, f"train.out_dir={run_dir}"]
+    """The run directory as an absolute path, passed to the trainer explicitly (the job may start elsewhere)."""
+    out_dir = _config_value(config, overrides, RUN_DIR_KEY)
+    run_dir = Path(str(out_dir) if out_dir else Path("runs", Path(config).stem)).resolve()
+    return run_dir, [*[o for o in overrides if not o.startswith(RUN_DIR_KEY + "=")], f"{RUN_DIR_KEY}={run_dir}"]
 
 
 def render_train(config: str, overrides: list[str], *, nodes: int, gpus_per_node: int, tasks_per_node: int,
@@ -205,7 +205,7 @@ def cmd_tokenize(args) -> int:
     r.output = str(log_dir / "%x-%A_%a.out")
     array_text = slurm.render("tokenize.sbatch", {
         "sbatch": "\n".join(r.directives()),
-        "tokenize_cmd": words([python, "-m", "argen.cli", "tokenize", cfg, *overrides]),
+        "tokenize_cmd": words([python, "-m", "argen.cli", "tokenize", "--no-progress", cfg, *overrides]),
     })
     array_path = log_dir / f"{name}-{stamp}.sbatch"
 
@@ -217,8 +217,8 @@ def cmd_tokenize(args) -> int:
         f.output = str(log_dir / "%x-%j.out")
         return slurm.render("tokenize-finalize.sbatch", {
             "sbatch": "\n".join(f.directives()), "array_job": array_job,
-            "finalize_cmd": words([python, "-m", "argen.cli", "tokenize", cfg, "--finalize",
-                                   f"--parts={args.array}", *overrides]),
+            "finalize_cmd": words([python, "-m", "argen.cli", "tokenize", "--no-progress", "--finalize", cfg,
+                                   *overrides]),
         })
 
     final_path = log_dir / f"{name}-finalize-{stamp}.sbatch"
@@ -377,8 +377,8 @@ def run_scaling(args, entry: list[str] | None = None) -> int:
         raise ArgenError(f"--nodes {args.nodes!r}: give node counts like 1,2,4,8") from None
     if not sizes or sizes[0] < 1:
         raise ArgenError(f"--nodes {args.nodes!r}: give node counts >= 1 like 1,2,4,8")
-    if any(o.startswith("train.out_dir=") for o in overrides):
-        raise ArgenError("scaling sets train.out_dir per run itself; use --out DIR instead")
+    if any(o.startswith(RUN_DIR_KEY + "=") for o in overrides):
+        raise ArgenError(f"scaling sets {RUN_DIR_KEY} per run itself; use --out DIR instead")
     gpus, tasks, cpt = _layout(args)
     stem = _slug(Path(args.config).stem)
     out = Path(args.out or f"runs/scaling-{stem}").resolve()
@@ -390,7 +390,7 @@ def run_scaling(args, entry: list[str] | None = None) -> int:
             raise ArgenError(f"{run_dir} already holds a run; choose another --out (a resumed run would "
                              "measure nothing)")
         name = f"{args.job_name or 'argen-scale-' + stem}-n{n}"
-        text = render_train(args.config, [*overrides, f"train.out_dir={run_dir}"], nodes=n, gpus_per_node=gpus,
+        text = render_train(args.config, [*overrides, f"{RUN_DIR_KEY}={run_dir}"], nodes=n, gpus_per_node=gpus,
                             tasks_per_node=tasks, cpus_per_task=cpt, resources=_base_resources(args, name),
                             run_dir=run_dir, log_dir=run_dir / "slurm", python=python, requeue=False,
                             signal_lead_s=args.signal_lead, resume=[], entry=entry)
