@@ -184,3 +184,20 @@ def test_cli_sample_and_errors(models, tmp_path, capsys):
     assert argen_main(["eval", "sample", str(gpt), "--vq", str(vq), "--out", str(out), "--num", "0"]) == 2
     with pytest.raises(ArgenError, match=".npz"):
         Sampler(gpt, vq, precision="fp32").run(_proto(), tmp_path / "x.png")
+
+
+def test_protocol_config_files_and_flag_overrides(models, tmp_path):
+    from pathlib import Path
+
+    from argen.eval.cli import build_parser, protocol_from_args
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    args = build_parser().parse_args(["sample", "ckpt", "--vq", "v", "--out", "o.npz",
+                                      "--config", str(configs / "eval-c2i-reference.yaml"), "--num", "64"])
+    proto = protocol_from_args(args)
+    assert proto.protocol == "reference" and proto.num == 64 and proto.top_k == 0 and proto.batch_size == 32
+    assert proto.image_size_eval == 256 and proto.resize == "bicubic" and proto.cfg_scale is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("protocol: balanced\ntopk: 5\n")
+    args = build_parser().parse_args(["sample", "c", "--vq", "v", "--out", "o.npz", "--config", str(bad)])
+    with pytest.raises(ArgenError, match="topk"):
+        protocol_from_args(args)

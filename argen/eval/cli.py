@@ -10,37 +10,44 @@ from argen.errors import ArgenError
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling protocol")
-    g.add_argument("--protocol", choices=["balanced", "reference"], default="balanced",
+    g = p.add_argument_group("sampling protocol (flags override --config, which overrides the defaults)")
+    g.add_argument("--config", help="YAML file of protocol settings (keys as the flags, e.g. "
+                                    "configs/eval-c2i-balanced.yaml): a pinned, versioned harness")
+    g.add_argument("--protocol", choices=["balanced", "reference"],
                    help="balanced: labels i %% classes, seed per global batch, same images for any GPU count, "
                         "resumable (default). reference: LlamaGen's uniform random labels, seed per rank")
-    g.add_argument("--num", type=int, default=50000, help="number of images (default 50000)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per rank and step (default 32)")
-    g.add_argument("--cfg-scale", type=float, default=None,
+    g.add_argument("--num", type=int, help="number of images (default 50000)")
+    g.add_argument("--batch-size", type=int, help="images per rank and step (default 32)")
+    g.add_argument("--cfg-scale", type=float,
                    help="classifier-free guidance; default: the published FID value for the model size "
                         "(B/L 2.0, XL/XXL 1.75, 3B 1.65, else 1.5)")
-    g.add_argument("--cfg-schedule", default=None, help="constant (default), linear, or an integer cfg interval")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary (the FID setting)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--image-size-eval", type=int, default=256,
+    g.add_argument("--cfg-schedule", help="constant (default), linear, or an integer cfg interval")
+    g.add_argument("--temperature", type=float, help="default 1.0")
+    g.add_argument("--top-k", type=int, help="default 0 = full vocabulary (the FID setting)")
+    g.add_argument("--top-p", type=float, help="default 1.0")
+    g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--image-size-eval", type=int,
                    help="resize generated images to this size (default 256; 0 keeps the generated size)")
-    g.add_argument("--resize", choices=["bicubic", "bicubic-aa", "none"], default="bicubic",
+    g.add_argument("--resize", choices=["bicubic", "bicubic-aa", "none"],
                    help="bicubic without antialias before the uint8 clamp, as the reference (default)")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="GPT dtype: auto = bf16 on an accelerator (the reference), fp32 on CPU")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="GPT dtype: auto = bf16 on an accelerator (the reference), fp32 on CPU (default auto)")
     g.add_argument("--captions", help="t2i: .npz with features (M,T,D), optional mask (M,T) and prompts (M,); "
                                       "image i uses caption i %% M")
 
 
 def protocol_from_args(args):
+    import dataclasses
+
+    from argen.config import load_config
     from argen.eval.sample import SampleProtocol
-    proto = SampleProtocol(protocol=args.protocol, num=args.num, batch_size=args.batch_size,
-                           cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           image_size_eval=args.image_size_eval or None, resize=args.resize,
-                           precision=args.precision)
+    proto = load_config(SampleProtocol, args.config) if args.config else SampleProtocol()
+    for f in dataclasses.fields(SampleProtocol):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(proto, f.name, value)
+    if proto.image_size_eval == 0:
+        proto.image_size_eval = None
     proto.validate()
     return proto
 

@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,7 +52,6 @@ class SampleProtocol:
     image_size_eval: int | None = 256   # None: keep the generated size
     resize: str = "bicubic"
     precision: str = "auto"             # auto (bf16 on an accelerator, fp32 on CPU) | bf16 | fp32
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.protocol not in ("reference", "balanced"):
