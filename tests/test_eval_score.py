@@ -189,3 +189,22 @@ def test_clip_score_tiny(tmp_path):
     assert not np.allclose(sims, scorer.similarities(NpzImages(tmp_path / "t2i.npz").read_all(), prompts[::-1]))
     with pytest.raises(ArgenError, match="huggingface-cli download"):
         ClipScorer(tmp_path / "no-clip")
+
+
+def test_reconstruct_cli_then_paired_score(tiny, tmp_path, monkeypatch):
+    import argen.model
+    from argen.model.vq import VQ_SIZES, VQModel
+    d, inc = tiny
+    monkeypatch.setenv("ARGEN_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    vq = argen.model.save(VQModel(VQ_SIZES["VQ-micro"]), tmp_path / "vq", {})
+    out = tmp_path / "recon.npz"
+    assert argen_main(["eval", "reconstruct", str(vq), str(d / "ref.npz"), "--out", str(out),
+                       "--batch-size", "16"]) == 0
+    recon = NpzImages(out)
+    assert recon.shape == NpzImages(d / "ref.npz").shape
+    assert json.loads((tmp_path / "recon.json").read_text())["source"]["num_images"] == 40
+    assert argen_main(["eval", "score", str(out), str(d / "ref.npz"), "--inception", str(inc), "--paired"]) == 0
+    assert {"rfid", "psnr", "ssim"} <= set(json.loads((tmp_path / "recon.metrics.json").read_text())["metrics"])
+    np.savez(tmp_path / "odd.npz", arr_0=np.zeros((2, 15, 15, 3), np.uint8))
+    assert argen_main(["eval", "reconstruct", str(vq), str(tmp_path / "odd.npz"), "--out", str(out)]) == 2

@@ -281,3 +281,21 @@ def test_racing_watchers_on_s3(s3_bucket, tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[0]["export"].startswith("s3://")
     assert fs.exists(f"{root}/eval/metrics.png")
     assert watch_once(_opts(run), evaluate=ev, log=lambda m: None) == [] and len(ev.calls) == 4
+
+
+def test_watch_tokenizer_run_reconstructs_reference(tmp_path, monkeypatch):
+    """A VQ run's exports are scored by reconstructing --ref: paired rFID, PSNR and SSIM."""
+    from argen.eval.npz import save_images
+    from argen.model.vq import VQ_SIZES, VQModel
+    monkeypatch.setenv("ARGEN_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    run = tmp_path / "vqrun"
+    argen.model.save(VQModel(VQ_SIZES["VQ-micro"]), run / "exports" / "step-00000050", {"step": 50})
+    save_images(tmp_path / "orig.npz", np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    inc = save_tiny_inception(tmp_path / "inc.safetensors")
+    stored = watch_once(_opts(run, ref=str(tmp_path / "orig.npz"), inception=str(inc),
+                              protocol=SampleProtocol(batch_size=4)), log=lambda m: None)
+    assert len(stored) == 1
+    m = stored[0]["metrics"]
+    assert {"rfid", "psnr", "ssim"} <= set(m) and "fid" not in m
+    assert stored[0]["protocol"] == {"kind": "reconstruction"} and 0 < m["psnr"] < 100

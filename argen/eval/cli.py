@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="argen eval", description=(
         "Evaluate generators with the ADM evaluator's metric definitions (FID, sFID, IS, precision/recall) on a "
         "torch Inception-V3 loaded from a local weight file, plus CLIP score for text-to-image. See docs/eval.md."))
-    sub = p.add_subparsers(dest="command", metavar="{sample,score,watch}")
+    sub = p.add_subparsers(dest="command", metavar="{sample,score,watch,reconstruct}")
 
     s = sub.add_parser("sample", help="generate N images from a GPT export into an .npz (all ranks)",
                        description="Generate images across all ranks (torchrun/srun/single process) into OUT.npz "
@@ -83,12 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", help="prompts for --clip: .txt, .csv/.tsv with a Prompt column, or .npz 'prompts' "
                                      "(default: the captions file recorded in SAMPLES.json)")
 
+    r = sub.add_parser("reconstruct", help="encode+decode an image batch with a VQ export (for rFID/PSNR/SSIM)",
+                       description="Write OUT.npz with the VQ reconstructions of IMAGES.npz in the same order; then "
+                                   "`argen eval score OUT.npz IMAGES.npz --paired` gives rFID, PSNR and SSIM.")
+    r.add_argument("vq", help="VQ tokenizer directory")
+    r.add_argument("images", help="originals .npz (arr_0 = N×H×W×3 uint8), e.g. an ImageNet-val 50k batch")
+    r.add_argument("--out", required=True, help="output .npz")
+    r.add_argument("--batch-size", type=int, default=32)
+
     w = sub.add_parser("watch", help="score every new export of a training run exactly once (cron-safe)",
                        description="Find RUN_DIR/exports/step-*/ without a result, claim each with a lock, sample, "
                                    "score, append to RUN_DIR/eval/results.jsonl, log to wandb and redraw "
                                    "RUN_DIR/eval/metrics.png. RUN_DIR may be local or an fsspec URL (s3://...).")
     w.add_argument("run_dir", help="training run directory or URL")
-    w.add_argument("--vq", required=True, help="VQ tokenizer directory (local)")
+    w.add_argument("--vq", help="VQ tokenizer directory (local) decoding a GPT run's samples; a tokenizer run's "
+                                "exports are scored by reconstructing --ref (paired rFID/PSNR/SSIM)")
     w.add_argument("--ref", help="reference batch .npz (local) for FID/sFID/IS/precision/recall")
     w.add_argument("--clip", help="local CLIP directory: also compute the CLIP score (t2i, needs --captions)")
     w.add_argument("--name", default="default",
@@ -159,6 +168,14 @@ def _sample(args) -> int:
     return 0
 
 
+def _reconstruct(args) -> int:
+    from argen.eval.reconstruct import reconstruct
+    record = reconstruct(args.vq, args.images, args.out, batch_size=args.batch_size)
+    print(f"wrote {record['source']['num_images']} reconstructions to {args.out}; score them with "
+          f"`argen eval score {args.out} {args.images} --paired`")
+    return 0
+
+
 def _watch(args) -> int:
     from argen.eval.watch import WatchOptions, watch
     if not args.ref and not args.clip:
@@ -177,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return {"sample": _sample, "score": _score, "watch": _watch}[args.command](args)
+    return {"sample": _sample, "score": _score, "watch": _watch, "reconstruct": _reconstruct}[args.command](args)

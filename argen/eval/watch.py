@@ -44,12 +44,33 @@ class WatchOptions:
     score_batch_size: int = 64
 
 
+def evaluate_tokenizer(export_dir: str, opts: WatchOptions, work: Path, tag: str) -> dict:
+    """A VQ export: reconstruct the reference batch and score the pairs (rFID, PSNR, SSIM, ...)."""
+    from argen.eval.reconstruct import reconstruct
+    from argen.eval.score import score
+    if not opts.ref:
+        raise ArgenError("scoring a tokenizer export needs --ref IMAGES.npz (the originals to reconstruct)")
+    out = work / f"{tag}-recon.npz"
+    try:
+        reconstruct(export_dir, opts.ref, out, batch_size=opts.protocol.batch_size)
+        result = score(out, opts.ref, inception=opts.inception, batch_size=opts.score_batch_size, paired=True)
+    finally:
+        if not opts.keep_samples:
+            out.unlink(missing_ok=True)
+            out.with_name(out.name[:-4] + ".json").unlink(missing_ok=True)
+    return {"metrics": result["metrics"], "reference": result["reference"], "evaluator": result["evaluator"],
+            "protocol": {"kind": "reconstruction"}}
+
+
 def evaluate_export(export_dir: str, opts: WatchOptions, work: Path, tag: str) -> dict:
-    """Sample from one export and score it; returns the record body (metrics and provenance)."""
+    """Sample from one GPT export (or reconstruct with a VQ export) and score it; returns the record body."""
     from argen.eval.sample import Sampler
     from argen.eval.score import clip_metrics, score
+    from argen.model.io import read_record
+    if read_record(export_dir).get("kind") == "vq":
+        return evaluate_tokenizer(export_dir, opts, work, tag)
     if not opts.vq:
-        raise ArgenError("the watcher needs --vq DIR to decode samples")
+        raise ArgenError("the watcher needs --vq DIR to decode a GPT run's samples")
     out = work / f"{tag}.npz"
     sampler = Sampler(export_dir, opts.vq, precision=opts.protocol.precision)
     sample_record = sampler.run(opts.protocol, out, captions=opts.captions)
