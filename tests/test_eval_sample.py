@@ -201,3 +201,29 @@ def test_protocol_config_files_and_flag_overrides(models, tmp_path):
     args = build_parser().parse_args(["sample", "c", "--vq", "v", "--out", "o.npz", "--config", str(bad)])
     with pytest.raises(ArgenError, match="topk"):
         protocol_from_args(args)
+
+
+def test_t2i_sampling_with_captions_then_clip_score(tmp_path, capsys):
+    """t2i: caption i % M for image i, recorded in the JSON, and the CLIP score reads the prompts from it."""
+    from tests.test_eval_score import save_tiny_clip
+    torch.manual_seed(0)
+    cfg = GPTConfig(name="GPT-t2i-test", vocab_size=256, n_layer=1, n_head=2, dim=16, block_size=16,
+                    model_type="t2i", caption_dim=8, caption_len=4, cls_token_num=4)
+    gpt = argen.model.save(GPT(cfg), tmp_path / "gpt", {})
+    vq = argen.model.save(VQModel(VQ_SIZES["VQ-micro"]), tmp_path / "vq", {})
+    caps = tmp_path / "caps.npz"
+    mask = np.array([[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=bool)  # right-aligned captions
+    np.savez(caps, features=np.random.default_rng(0).normal(size=(3, 4, 8)).astype(np.float32), mask=mask,
+             prompts=np.array(["a red cube", "a dog", "a city at night"]))
+    out = tmp_path / "t2i.npz"
+    assert argen_main(["eval", "sample", str(gpt), "--vq", str(vq), "--out", str(out), "--num", "5",
+                       "--batch-size", "2", "--captions", str(caps), "--cfg-scale", "3", "--image-size-eval",
+                       "32"]) == 0
+    assert np.load(out)["arr_0"].shape == (5, 32, 32, 3)
+    assert json.loads((tmp_path / "t2i.json").read_text())["protocol"]["captions"] == str(caps)
+    clip = save_tiny_clip(tmp_path / "clip")
+    assert argen_main(["eval", "score", str(out), "--clip", str(clip)]) == 0
+    record = json.loads((tmp_path / "t2i.metrics.json").read_text())
+    assert -1 <= record["metrics"]["clip_score"] <= 1 and record["clip"]["prompts"] == str(caps)
+    assert argen_main(["eval", "sample", str(gpt), "--vq", str(vq), "--out", str(out), "--num", "2"]) == 2
+    assert "--captions" in capsys.readouterr().err

@@ -132,14 +132,16 @@ def _score(args) -> int:
     else:
         result = {"metrics": {}, "samples": {"path": args.samples}}
     if args.clip:
-        prompts_file = args.prompts
+        prompts_file, cycle = args.prompts, False
         side = sc.sidecar_path(args.samples)
         if not prompts_file and side.is_file():
             prompts_file = json.loads(side.read_text()).get("protocol", {}).get("captions")
+            cycle = True  # `argen eval sample` used caption i % M for image i
         if not prompts_file:
             raise ArgenError("--clip needs --prompts FILE (no captions file recorded beside the samples)")
         from argen.eval.clip_score import read_prompts
-        clip = sc.clip_metrics(args.samples, args.clip, read_prompts(prompts_file), batch_size=args.batch_size)
+        clip = sc.clip_metrics(args.samples, args.clip, read_prompts(prompts_file), batch_size=args.batch_size,
+                               cycle=cycle)
         result["metrics"].update(clip["metrics"])
         result["clip"] = clip["clip"]
         result["clip"]["prompts"] = str(prompts_file)

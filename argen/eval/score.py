@@ -156,10 +156,15 @@ def paired_metrics(recon: NpzImages, orig: NpzImages, batch_size: int = 256) -> 
 
 
 def clip_metrics(samples_path: str | Path, clip_dir: str | Path, prompts: list[str], *, batch_size: int = 64,
-                 device: torch.device | str | None = None, eval_res: int = 256) -> dict:
-    """CLIP score of a t2i sample batch (image i was generated for prompt i)."""
+                 device: torch.device | str | None = None, eval_res: int = 256, cycle: bool = False) -> dict:
+    """CLIP score of a t2i sample batch: image i was generated for prompt i (for prompt i % M with `cycle`, the
+    layout of `argen eval sample --captions` with M captions)."""
     from argen.eval.clip_score import ClipScorer
     samples = NpzImages(samples_path)
+    if not prompts:
+        raise ArgenError("no prompts for the CLIP score")
+    if cycle:
+        prompts = [prompts[i % len(prompts)] for i in range(len(samples))]
     if len(prompts) < len(samples):
         raise ArgenError(f"{len(samples)} images but only {len(prompts)} prompts")
     scorer = ClipScorer(clip_dir, device or dev.default_device(), eval_res=eval_res)

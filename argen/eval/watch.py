@@ -86,7 +86,8 @@ def evaluate_export(export_dir: str, opts: WatchOptions, work: Path, tag: str) -
             from argen.eval.clip_score import read_prompts
             if not opts.captions:
                 raise ArgenError("--clip needs the t2i --captions file (with a 'prompts' array)")
-            clip = clip_metrics(out, opts.clip, read_prompts(opts.captions), batch_size=opts.score_batch_size)
+            clip = clip_metrics(out, opts.clip, read_prompts(opts.captions), batch_size=opts.score_batch_size,
+                                cycle=True)
             body["metrics"].update(clip["metrics"])
             body["clip"] = clip["clip"]
     finally:
