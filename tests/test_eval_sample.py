@@ -227,3 +227,23 @@ def test_t2i_sampling_with_captions_then_clip_score(tmp_path, capsys):
     assert -1 <= record["metrics"]["clip_score"] <= 1 and record["clip"]["prompts"] == str(caps)
     assert argen_main(["eval", "sample", str(gpt), "--vq", str(vq), "--out", str(out), "--num", "2"]) == 2
     assert "--captions" in capsys.readouterr().err
+
+
+def _dist_sample(rank, gpt, vq, out):
+    from argen.eval.cli import main as eval_main
+    assert eval_main(["sample", gpt, "--vq", vq, "--out", out, "--num", "6", "--batch-size", "2",
+                      "--image-size-eval", "0", "--cfg-scale", "2"]) == 0
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_two_gloo_ranks_match_one_process(models, tmp_path):
+    """The real launch path (dist_env.init, gloo barrier) gives the single-process batch, image for image."""
+    from tests.dist_utils import run_distributed
+    gpt, vq = models
+    run_distributed(_dist_sample, 2, str(gpt), str(vq), str(tmp_path / "d.npz"), timeout=240)
+    assert argen_main(["eval", "sample", str(gpt), "--vq", str(vq), "--out", str(tmp_path / "s.npz"), "--num", "6",
+                       "--batch-size", "2", "--image-size-eval", "0", "--cfg-scale", "2"]) == 0
+    two, one = np.load(tmp_path / "d.npz")["arr_0"], np.load(tmp_path / "s.npz")["arr_0"]
+    assert two.shape == (6, 8, 8, 3) and np.array_equal(two, one)
+    assert json.loads((tmp_path / "d.json").read_text())["protocol"]["world_size"] == 2
