@@ -144,3 +144,17 @@ def test_transient_failure_recovers_without_changing_the_order(tmp_path, monkeyp
     got = [b["sample_id"].tolist() for b in take(loader, 6)]
     assert got == want and loader.stats()["retries"] == 2
     loader.close()
+
+
+def test_garbled_tar_header_is_caught_by_its_checksum(tmp_path):
+    prefix = str(tmp_path / "ds")
+    m = make_dataset(prefix, [4, 4])
+    path = os.path.join(prefix, m.shards[1].name)
+    data = bytearray(open(path, "rb").read())
+    data[1024 + 136 + 3] ^= 0x01            # the mtime field of the 2nd member header: only the checksum notices
+    open(path, "wb").write(bytes(data))
+    loader = build_loader(DataConfig(url=prefix, shuffle=False, shuffle_buffer=8, num_workers=0, retry=FAST), 0, 1, 4)
+    assert next(loader)["sample_id"].tolist() == [0, 1, 2, 3]
+    assert next(loader)["sample_id"].tolist() == [0, 1, 2, 3]      # shard 1 skipped: epoch 1 starts
+    assert loader.stats()["corrupt_shards"] == 1
+    loader.close()

@@ -67,41 +67,55 @@ _BLOCK = 512
 _PLAIN_TYPES = (b"0", b"\0")
 
 
-def _fast_members(buf: bytes) -> Iterator[tuple[str, bytes]] | None:
+def _fast_members(buf: bytes) -> Iterator[tuple[str, memoryview]] | None:
     """(name, data) of a plain tar in memory, parsed without tarfile (which costs ~70 us per member).
 
     Handles what ShardWriter writes: regular files with short names. Returns None when the archive uses anything
     else (long-name/pax records, base-256 sizes), and the caller falls back to tarfile. Header checksums are
-    verified, so a garbled header is reported, never read past.
+    verified (vectorised, after the walk), so a garbled header is reported, never trusted. Member data are
+    zero-copy views into `buf`.
     """
     n = len(buf)
+    if n == 0:
+        raise CorruptShard("empty shard")
+    view = memoryview(buf)
+    heads: list[int] = []
+    stored: list[int] = []
+    out: list[tuple[str, memoryview]] = []
     off = 0
-    out = []
     while off + _BLOCK <= n:
-        hdr = buf[off:off + _BLOCK]
-        if hdr.count(0) == _BLOCK:
-            return iter(out)
-        typeflag = hdr[156:157]
-        if typeflag not in _PLAIN_TYPES and typeflag != b"5":
+        if buf[off] == 0 and buf.count(0, off, off + _BLOCK) == _BLOCK:
+            break                                        # end-of-archive marker
+        typeflag = buf[off + 156:off + 157]
+        if (typeflag not in _PLAIN_TYPES and typeflag != b"5") or buf[off + 124] & 0x80:
             return None
-        if hdr[124] & 0x80 or hdr[345:346] not in (b"\0", b""):
-            return None
+        if buf[off + 345] != 0 and buf[off + 257:off + 263] == b"ustar\0":
+            return None                                  # POSIX name prefix: leave it to tarfile
         try:
-            size = int(hdr[124:136].strip(b" \0") or b"0", 8)
-            chksum = int(hdr[148:156].strip(b" \0"), 8)
+            size = int(buf[off + 124:off + 136].strip(b" \0") or b"0", 8)
+            stored.append(int(buf[off + 148:off + 156].strip(b" \0"), 8))
         except ValueError:
             raise CorruptShard(f"garbled tar header at byte {off}") from None
-        if chksum != sum(hdr) - sum(hdr[148:156]) + 8 * 32:
-            raise CorruptShard(f"tar header checksum mismatch at byte {off}")
+        heads.append(off)
         start = off + _BLOCK
         if start + size > n:
             raise CorruptShard(f"tar member at byte {off} is truncated")
         if typeflag != b"5":
-            out.append((hdr[:100].split(b"\0", 1)[0].decode("utf-8", "strict"), buf[start:start + size]))
+            name = buf[off:off + 100].split(b"\0", 1)[0]
+            try:
+                out.append((name.decode("utf-8"), view[start:start + size]))
+            except UnicodeDecodeError:
+                raise CorruptShard(f"garbled member name at byte {off}") from None
         off = start + -(-size // _BLOCK) * _BLOCK
-    if off == 0 and n == 0:
-        raise CorruptShard("empty shard")
-    return iter(out)  # no end-of-archive marker: the count check below decides whether anything is missing
+    if heads:
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        hdrs = arr[np.asarray(heads)[:, None] + np.arange(_BLOCK)]   # (members, 512) uint8
+        # the checksum field counts as 8 spaces (np.add.reduceat with a dtype cast was 20x slower than this)
+        sums = hdrs.sum(1, dtype=np.int64) - hdrs[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+        bad = np.flatnonzero(sums != np.asarray(stored))
+        if len(bad):
+            raise CorruptShard(f"tar header checksum mismatch at byte {heads[bad[0]]}")
+    return iter(out)  # no end marker is fine: the sample count check of the caller decides
 
 
 def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
@@ -165,8 +179,8 @@ class _CodesDecoder:
         self.size = len(whole)
         self.shape = (n_aug, seq_len)
 
-    def codes(self, data: bytes) -> np.ndarray | None:
-        if len(data) == self.size and data.startswith(self.header):
+    def codes(self, data: bytes | memoryview) -> np.ndarray | None:
+        if len(data) == self.size and data[:len(self.header)] == self.header:
             return np.frombuffer(data, dtype=np.uint16, offset=len(self.header)).reshape(self.shape)
         return None
 
@@ -191,7 +205,7 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
             members.extend([None] * (seg.hi - seg.lo))
         ev.bytes += counter[0]
 
-    order = block.order[offset:]
+    order = block.order[offset:].tolist()
     n = len(order)
     codes = np.zeros((n, src.seq_len), dtype=np.int32)
     present = np.zeros(n, dtype=bool)
@@ -199,6 +213,7 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
     feat_lens = np.zeros(n, dtype=np.int32)
     feats: list[torch.Tensor] = []
     fast_codes = _CodesDecoder(src.n_aug, src.seq_len)
+    augs = block.augs[offset:].tolist()
     for k in range(n):
         m = members[order[k]]
         if m is None:
@@ -206,14 +221,13 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
         try:
             fast = fast_codes.codes(m["codes.npy"]) if task == "c2i" and "codes.npy" in m else None
             if fast is not None:
-                row = fast[block.augs[offset + k]]
-                label = int(m["cls"]) if "cls" in m else None
+                row = fast[augs[k]]
+                label = int(bytes(m["cls"])) if "cls" in m else None
                 t5 = None
             else:
-                s = shard_format.decode_sample(m, src.t5_dtype, (src.n_aug, src.seq_len))
-                row, label, t5 = s.codes[block.augs[offset + k]], s.label, s.t5
-            if row.size and int(row.max()) >= src.codebook_size:
-                raise CorruptShard(f"codes up to {int(row.max())} but the codebook has {src.codebook_size}")
+                s = shard_format.decode_sample({name: v if name == "__key__" else bytes(v) for name, v in m.items()},
+                                               src.t5_dtype, (src.n_aug, src.seq_len))
+                row, label, t5 = s.codes[augs[k]], s.label, s.t5
             if task == "c2i" and label is None:
                 raise CorruptShard("no class label (.cls member)")
         except Exception as e:  # one undecodable sample is dropped and counted, the rest of the block is kept
@@ -233,6 +247,11 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
                 continue
             feats.append(t5)
             feat_lens[k] = t5.shape[0]
+    if n:  # codes outside the codebook: garbled bytes that still parse; checked once per block
+        over = present & (codes.max(axis=1) >= src.codebook_size)
+        if over.any():
+            ev.bad_samples += int(over.sum())
+            present &= ~over
     ev.read_s = time.perf_counter() - t0
     item: dict[str, Any] = {
         "component": block.component, "epoch": block.epoch, "block": block.index, "offset": offset,
