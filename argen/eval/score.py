@@ -43,7 +43,9 @@ def extract_features(images: NpzImages | np.ndarray, net: InceptionV3, batch_siz
     else:
         batches, total = images.batches(batch_size), len(images)
     out: dict[str, list[np.ndarray]] = {k: [] for k in FEATURES}
-    with tqdm(total=total, desc=desc, unit="img", disable=None) as bar:
+    # The features feed float64 statistics: keep convolutions in true fp32 (cuDNN's TF32 default would shift them).
+    full_fp32 = torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
+    with full_fp32, tqdm(total=total, desc=desc, unit="img", disable=None) as bar:
         for batch in batches:
             feats = net(torch.tensor(batch, device=device, dtype=torch.float32))
             for k in FEATURES:
