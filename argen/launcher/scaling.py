@@ -143,6 +143,13 @@ def write_plot(rows: list[dict], path: Path) -> None:
     b.set_ylabel("tokens/s per rank ÷ smallest run")
     b.set_title("scaling efficiency")
     b.set_xticks(nodes)
+    if len(nodes) > 2 and nodes[-1] / nodes[0] >= 4:  # 1,2,4,8,...: evenly spaced on a log2 axis
+        for ax in (a, b):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(nodes, [str(n) for n in nodes])
+    mfu = [r["mfu"] for r in ok if r.get("mfu") is not None]
+    if mfu:
+        a.set_title(f"throughput (MFU {100 * min(mfu):.1f}–{100 * max(mfu):.1f}%)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
