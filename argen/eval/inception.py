@@ -21,7 +21,6 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
