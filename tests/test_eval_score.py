@@ -208,3 +208,28 @@ def test_reconstruct_cli_then_paired_score(tiny, tmp_path, monkeypatch):
     assert {"rfid", "psnr", "ssim"} <= set(json.loads((tmp_path / "recon.metrics.json").read_text())["metrics"])
     np.savez(tmp_path / "odd.npz", arr_0=np.zeros((2, 15, 15, 3), np.uint8))
     assert argen_main(["eval", "reconstruct", str(vq), str(tmp_path / "odd.npz"), "--out", str(out)]) == 2
+
+
+def test_full_size_inception_layout():
+    """The full network: ADM's feature sizes (pool 2048, sFID 17·17·7 = 2023, 1008 logits) and the parameter count
+    of the FID Inception (torchvision's Inception3 without the aux head, 1008 classes), built on the meta device."""
+    with torch.device("meta"):
+        net = InceptionV3()
+        out = net(torch.zeros(2, 256, 256, 3))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"pool": (2, 2048), "spatial": (2, 2023),
+                                                          "logits": (2, 1008)}
+    assert sum(p.numel() for p in net.parameters()) == 23_850_960
+    keys = set(net.state_dict())
+    assert {"Conv2d_1a_3x3.conv.weight", "Mixed_6d.branch1x1.bn.running_var", "Mixed_7c.branch_pool.conv.weight",
+            "fc.weight", "fc.bias"} <= keys
+
+
+def test_tf1_bilinear_resize():
+    from argen.eval.inception import resize_bilinear_tf1
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    # TF1 (align_corners=False, no half-pixel centres) halving picks every other pixel exactly
+    assert torch.equal(resize_bilinear_tf1(x, 4), x[:, :, ::2, ::2])
+    assert torch.equal(resize_bilinear_tf1(x, 8), x)
+    up = resize_bilinear_tf1(x, 16)
+    assert torch.allclose(up[:, :, 1, 0], (x[:, :, 0, 0] + x[:, :, 1, 0]) / 2)  # source row 0.5
+    assert torch.equal(up[:, :, -1, -1], x[:, :, -1, -1])  # edge clamped
