@@ -233,3 +233,14 @@ def test_tf1_bilinear_resize():
     up = resize_bilinear_tf1(x, 16)
     assert torch.allclose(up[:, :, 1, 0], (x[:, :, 0, 0] + x[:, :, 1, 0]) / 2)  # source row 0.5
     assert torch.equal(up[:, :, -1, -1], x[:, :, -1, -1])  # edge clamped
+
+
+def test_reconstruction_metrics_in_memory(tiny):
+    from argen.eval.score import reconstruction_metrics
+    d, inc = tiny
+    orig = NpzImages(d / "ref.npz").read_all()
+    same = reconstruction_metrics(orig, orig.copy(), inception=inc)
+    assert abs(same["rfid"]) < 1e-6 and same["psnr"] == 100.0 and same["ssim"] == pytest.approx(1.0)
+    noisy = np.clip(orig.astype(int) + 40, 0, 255).astype(np.uint8)
+    worse = reconstruction_metrics(orig, noisy, inception=inc)
+    assert worse["rfid"] > 1e-4 and worse["psnr"] < 30 and worse["weights_sha256"] == sha256_file(inc)

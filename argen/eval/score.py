@@ -157,6 +157,23 @@ def paired_metrics(recon: NpzImages, orig: NpzImages, batch_size: int = 256) -> 
     return {"psnr": p_sum / n, "ssim": s_sum / n}
 
 
+def reconstruction_metrics(originals: np.ndarray, reconstructions: np.ndarray, *, inception: str | Path | None = None,
+                           batch_size: int = 64, device: torch.device | str | None = None) -> dict:
+    """rFID, PSNR and SSIM of in-memory uint8 N×H×W×3 batches (for a tokenizer trainer's periodic check; the
+    files-based route is `argen eval reconstruct` + `argen eval score --paired`)."""
+    from argen.eval.fid import fid_from_features
+    from argen.eval.metrics import psnr, ssim
+    if originals.shape != reconstructions.shape:
+        raise ArgenError(f"originals {originals.shape} and reconstructions {reconstructions.shape} differ in shape")
+    device = device or dev.default_device()
+    net, weights_sha = load_inception(inception, device)
+    a = extract_features(originals, net, batch_size, device, desc="originals")["pool"]
+    b = extract_features(reconstructions, net, batch_size, device, desc="reconstructions")["pool"]
+    return {"rfid": fid_from_features(b, a), "psnr": psnr(reconstructions, originals),
+            "ssim": ssim(reconstructions, originals), "num_images": len(originals),
+            "evaluator_version": EVALUATOR_VERSION, "weights_sha256": weights_sha}
+
+
 def clip_metrics(samples_path: str | Path, clip_dir: str | Path, prompts: list[str], *, batch_size: int = 64,
                  device: torch.device | str | None = None, eval_res: int = 256, cycle: bool = False) -> dict:
     """CLIP score of a t2i sample batch: image i was generated for prompt i (for prompt i % M with `cycle`, the
