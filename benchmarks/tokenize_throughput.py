@@ -1,0 +1,176 @@
+"""Offline tokenization: the reference's layout vs argen, same VQ, same images, same 20 code grids per image.
+
+Baseline = LlamaGen extract_codes_c2i.py as published: ImageFolder, batch size 1 (the 10 crops of one image per VQ
+forward), one run per crop range (the released recipe runs it at 1.1 and at 1.05), and per image one int64
+`codes/{i}.npy` of shape (1, 10, T) plus one `labels/{i}.npy`.
+argen = `argen tokenize` (TokenizeJob): one pass decodes each image once for both crop ranges, encodes crops of
+several images per forward, writes uint16 codes into gzip WebDataset shards with a manifest.
+
+Both use the same crop code (argen.tokenize_offline.images, which reproduces center_crop_arr + TenCrop), the same
+decoding workers and the same torch thread count; the script checks that both produce identical codes.
+
+    .venv/bin/python benchmarks/tokenize_throughput.py                      # VQ-tiny (the demo VQ), 64 px
+    .venv/bin/python benchmarks/tokenize_throughput.py --vq VQ-micro --image-size 16 --images 400
+    .venv/bin/python benchmarks/tokenize_throughput.py --vq path/to/vq-export --image-size 256
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import argen.model as M
+from argen.config import load_config
+from argen.data_pipeline import shard_format as sf
+from argen.data_pipeline.synthetic import synthetic_image
+from argen.model.vq import VQ_SIZES, VQModel
+from argen.tokenize_offline import images as im
+from argen.tokenize_offline.config import TokenizeConfig
+from argen.tokenize_offline.job import Part, TokenizeJob
+
+
+def make_images(root: Path, n: int, size: int) -> list[tuple[str, int]]:
+    files = []
+    for i in range(n):
+        cls = f"n{i % 10:08d}"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        p = root / cls / f"img{i:06d}.jpg"
+        # non-square, larger than the crop: every image goes through the BOX/BICUBIC resize like ImageNet photos
+        synthetic_image(i, size, seed=3).resize((size + size // 3, size)).save(p, quality=90)
+    for label, cls in enumerate(sorted(os.listdir(root))):
+        files += [(str(root / cls / f), label) for f in sorted(os.listdir(root / cls))]
+    return files
+
+
+class RefDataset(torch.utils.data.Dataset):
+    """ImageFolder + the reference transform for one crop range: (10, 3, S, S) floats, label."""
+
+    def __init__(self, files, image_size, crop_range):
+        self.files, self.size, self.range = files, image_size, crop_range
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.files[i]
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
+        crops = im.augment(img, self.size, "ten_crop", [self.range])
+        return im.to_model_input(crops), label
+
+
+def run_reference(files, vq, image_size, ranges, out: Path, workers: int) -> float:
+    t0 = time.perf_counter()
+    for r in ranges:  # the released recipe: one full extraction run per crop range
+        run_dir = out / f"imagenet_code_c2i_flip_ten_crop_{r:g}"
+        (run_dir / f"imagenet{image_size}_codes").mkdir(parents=True)
+        (run_dir / f"imagenet{image_size}_labels").mkdir(parents=True)
+        loader = torch.utils.data.DataLoader(RefDataset(files, image_size, r), batch_size=1, shuffle=False,
+                                             num_workers=workers, drop_last=False)
+        for i, (x, y) in enumerate(loader):
+            with torch.no_grad():
+                idx = vq.encode(x.flatten(0, 1))
+            codes = idx.reshape(x.shape[0], x.shape[1], -1).cpu().numpy()        # (1, 10, T) int64
+            np.save(run_dir / f"imagenet{image_size}_codes" / f"{i}.npy", codes)
+            np.save(run_dir / f"imagenet{image_size}_labels" / f"{i}.npy", y.numpy())
+    return time.perf_counter() - t0
+
+
+def run_argen(root: Path, vq_dir: str, image_size: int, ranges, out: Path, workers: int, threads: int,
+              crops_per_forward: int, compression: str) -> tuple[float, sf.Manifest]:
+    cfg = load_config(TokenizeConfig, None, [
+        "source.kind=imagenet_folder", f"source.path={root}", f"vq.path={vq_dir}", f"output.url={out}",
+        f"image_size={image_size}", f"augment.crop_ranges={list(ranges)}", f"num_workers={workers}",
+        f"threads={threads}", f"vq.crops_per_forward={crops_per_forward}", f"output.compression={compression}",
+        "images_per_batch=8", "output.samples_per_shard=1000", "progress=false"])
+    t0 = time.perf_counter()
+    job = TokenizeJob(cfg, log=lambda m: None)
+    job.run_part(Part(0, 1, "single"))
+    m = job.finalize()
+    return time.perf_counter() - t0, m
+
+
+def tree_stats(path: Path) -> tuple[int, int, int]:
+    """(files, bytes, bytes on disk)"""
+    n = size = disk = 0
+    for p in path.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            n, size, disk = n + 1, size + st.st_size, disk + st.st_blocks * 512
+    return n, size, disk
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vq", default="VQ-tiny", help="a VQ_SIZES name (random init) or an argen VQ export directory")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--crop-ranges", type=float, nargs="+", default=[1.1, 1.05])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--crops-per-forward", type=int, default=80)
+    ap.add_argument("--repeats", type=int, default=2, help="alternate baseline/argen this many times; best of each")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="argen-tok-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.vq in VQ_SIZES:
+        torch.manual_seed(0)
+        vq_dir = str(work / "vq")
+        M.save(VQModel(VQ_SIZES[args.vq]), vq_dir)
+    else:
+        vq_dir = args.vq
+    vq = M.load(vq_dir)
+    files = make_images(work / "train", args.images, int(args.image_size * max(args.crop_ranges)) + 16)
+    n = len(files)
+    print(f"{n} JPEG images, VQ {args.vq} (codebook {vq.codebook_size}, /{vq.downsample}), {args.image_size} px, "
+          f"ten-crop x {args.crop_ranges} = {10 * len(args.crop_ranges)} code grids per image; "
+          f"{args.workers} decode workers, {args.threads} torch threads, {os.cpu_count()} CPUs")
+
+    best_ref = best_argen = float("inf")
+    for rep in range(args.repeats):
+        ref_out = work / f"ref{rep}"
+        t = run_reference(files, vq, args.image_size, args.crop_ranges, ref_out, args.workers)
+        best_ref = min(best_ref, t)
+        arg_out = work / f"argen{rep}"
+        t, m = run_argen(work / "train", vq_dir, args.image_size, args.crop_ranges, arg_out, args.workers,
+                         args.threads, args.crops_per_forward, "gzip")
+        best_argen = min(best_argen, t)
+    _, m_plain = run_argen(work / "train", vq_dir, args.image_size, args.crop_ranges, work / "argen-plain",
+                           args.workers, args.threads, args.crops_per_forward, "none")
+
+    # same work: argen's 20 rows are the reference's two runs side by side
+    _, samples = sf.read_dataset(str(work / "argen0"))
+    checked = 0
+    for s in samples:
+        runs = [np.load(work / "ref0" / f"imagenet_code_c2i_flip_ten_crop_{r:g}" / f"imagenet{args.image_size}_codes"
+                        / f"{s.index}.npy") for r in args.crop_ranges]
+        ref = np.concatenate([x[0] for x in runs])
+        assert np.array_equal(ref, s.codes.astype(np.int64)), f"codes differ for image {s.index}"
+        checked += 1
+    assert checked == n
+
+    rf, rb, rd = tree_stats(work / "ref0")
+    af, ab, ad = tree_stats(work / "argen0")
+    pf, pb, pd = tree_stats(work / "argen-plain")
+    print(f"codes identical for all {checked} images\n")
+    print(f"{'':28s}{'images/s':>10s}{'files':>8s}{'bytes':>12s}{'on disk':>12s}")
+    print(f"{'reference layout (bs 1)':28s}{n / best_ref:10.1f}{rf:8d}{rb:12d}{rd:12d}")
+    print(f"{'argen (gzip shards)':28s}{n / best_argen:10.1f}{af:8d}{ab:12d}{ad:12d}")
+    print(f"{'argen (plain tar shards)':28s}{'':10s}{pf:8d}{pb:12d}{pd:12d}")
+    print(f"\nratio argen/reference: images/s x{best_ref / best_argen:.2f}, bytes {ab / rb:.3f} "
+          f"(plain tar {pb / rb:.3f}), on disk {ad / rd:.3f}, files {af}/{rf} "
+          f"({len(m.shards)} shard + manifest vs 2 per image per crop range)")
+
+
+if __name__ == "__main__":
+    main()
