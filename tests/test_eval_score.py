@@ -244,3 +244,21 @@ def test_reconstruction_metrics_in_memory(tiny):
     noisy = np.clip(orig.astype(int) + 40, 0, 255).astype(np.uint8)
     worse = reconstruction_metrics(orig, noisy, inception=inc)
     assert worse["rfid"] > 1e-4 and worse["psnr"] < 30 and worse["weights_sha256"] == sha256_file(inc)
+
+
+def test_statistics_only_reference(tiny, tmp_path, monkeypatch):
+    """A reference holding only mu/sigma (pytorch-fid --save-stats style) gives FID and IS, and says what it skipped."""
+    d, inc = tiny
+    monkeypatch.setenv("ARGEN_CACHE", str(tmp_path / "cache"))
+    net, _ = load_inception(inc)
+    feats = extract_features(NpzImages(d / "ref.npz").read_all(), net)
+    mu, sigma = feature_stats(feats["pool"])
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    only = score(d / "other.npz", tmp_path / "stats.npz", inception=inc)
+    full = score(d / "other.npz", d / "ref.npz", inception=inc)
+    assert only["metrics"]["fid"] == pytest.approx(full["metrics"]["fid"], rel=1e-6)
+    assert set(only["metrics"]) == {"fid", "inception_score"}
+    assert set(only["skipped"]) == {"sfid", "precision", "recall"} and "skipped" not in full
+    np.savez(tmp_path / "empty.npz", other=np.zeros(3))
+    with pytest.raises(ArgenError, match="neither images"):
+        score(d / "other.npz", tmp_path / "empty.npz", inception=inc)

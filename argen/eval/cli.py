@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_metrics(result: dict) -> None:
     for k, v in result["metrics"].items():
         print(f"{k:>16}: {v:.4f}")
+    for k, why in result.get("skipped", {}).items():
+        print(f"{k:>16}: skipped ({why})")
 
 
 def _score(args) -> int:

@@ -29,6 +29,27 @@ def _open_member(zf: zipfile.ZipFile, name: str, path: str):
     return f, tuple(shape), fortran, dtype
 
 
+def npz_keys(path: str | Path) -> list[str]:
+    """Names of the arrays in an .npz, without reading them."""
+    if not Path(path).is_file():
+        raise ArgenError(f"no such .npz file: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    except zipfile.BadZipFile:
+        raise ArgenError(f"{path} is not a valid .npz (zip) file") from None
+
+
+def load_stats(path: str | Path, spatial: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """Stored (mu, sigma), or (mu_s, sigma_s) when `spatial`, if the file holds them."""
+    mu_key, sigma_key = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
+    keys = npz_keys(path)
+    if mu_key not in keys or sigma_key not in keys:
+        return None
+    with np.load(path) as data:
+        return data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64)
+
+
 class NpzImages:
     """Streams `arr_0` of a sample-batch npz without loading it whole."""
 
@@ -67,11 +88,7 @@ class NpzImages:
 
     def stats(self, spatial: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """The stored (mu, sigma), or (mu_s, sigma_s) when `spatial`, if the file holds them."""
-        mu_key, sigma_key = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
-        if mu_key not in self.keys or sigma_key not in self.keys:
-            return None
-        with np.load(self.path) as data:
-            return data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64)
+        return load_stats(self.path, spatial)
 
 
 @contextmanager

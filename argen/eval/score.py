@@ -22,7 +22,7 @@ from argen.eval import EVALUATOR_VERSION
 from argen.eval.fid import feature_stats, frechet_distance
 from argen.eval.inception import InceptionV3, load_inception, sha256_file
 from argen.eval.metrics import inception_score, precision_recall
-from argen.eval.npz import NpzImages
+from argen.eval.npz import NpzImages, load_stats, npz_keys
 
 FEATURES = ("pool", "spatial", "logits")
 
@@ -62,9 +62,22 @@ def sidecar_path(samples: str | Path) -> Path:
 
 def reference_features(ref_path: str | Path, net: InceptionV3, weights_sha: str, *, batch_size: int = 64,
                        device: torch.device | str = "cpu", use_cache: bool = True) -> dict:
-    """Reference pool features (for precision/recall), logits, and FID/sFID statistics (stored ones win)."""
-    ref = NpzImages(ref_path)
+    """Reference pool features (for precision/recall), logits, and FID/sFID statistics (stored ones win).
+
+    A statistics-only file (mu/sigma and optionally mu_s/sigma_s, no arr_0, e.g. pytorch-fid's --save-stats) gives
+    FID (and sFID) but no precision/recall: `pool` is None then.
+    """
+    keys = npz_keys(ref_path)
     ref_sha = sha256_file(ref_path)
+    stored, stored_s = load_stats(ref_path), load_stats(ref_path, spatial=True)
+    if "arr_0" not in keys:
+        if stored is None:
+            raise ArgenError(f"reference {ref_path} has neither images (arr_0) nor statistics (mu, sigma)")
+        return {"pool": None, "mu": stored[0], "sigma": stored[1],
+                "mu_s": stored_s[0] if stored_s else None, "sigma_s": stored_s[1] if stored_s else None,
+                "stats_source": "stored", "stats_source_s": "stored" if stored_s else "absent",
+                "sha256": ref_sha, "num_images": None, "image_size": None}
+    ref = NpzImages(ref_path)
     cache = cache_dir() / f"ref-{ref_sha[:16]}-{weights_sha[:16]}.npz"
     if use_cache and cache.is_file():
         with np.load(cache) as data:
@@ -80,7 +93,6 @@ def reference_features(ref_path: str | Path, net: InceptionV3, weights_sha: str,
             tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
             np.savez(tmp, **feats)
             os.replace(tmp, cache)
-    stored, stored_s = ref.stats(), ref.stats(spatial=True)
     # ADM uses the ref batch's stored statistics (ImageNet train for VIRTUAL_imagenet256_labeled.npz) when present.
     feats["stats_source"] = "stored" if stored else "computed"
     feats["stats_source_s"] = "stored" if stored_s else "computed"
@@ -107,20 +119,24 @@ def score(samples_path: str | Path, ref_path: str | Path, *, inception: str | Pa
     if len(samples) < k + 1:
         raise ArgenError(f"{samples_path} holds {len(samples)} images; scoring needs at least {k + 1}")
     ref = reference_features(ref_path, net, weights_sha, batch_size=batch_size, device=device, use_cache=use_cache)
-    if ref["pool"].shape[1] != net.pool_dim or ref["mu"].shape[0] != net.pool_dim:
+    if ref["mu"].shape[0] != net.pool_dim:
         raise ArgenError(f"reference {ref_path} statistics are {ref['mu'].shape[0]}-d but the network gives "
                          f"{net.pool_dim}-d features")
     feats = extract_features(samples, net, batch_size, device, desc=f"samples {Path(samples_path).name}")
     mu, sigma = feature_stats(feats["pool"])
-    mu_s, sigma_s = feature_stats(feats["spatial"])
-    precision, recall = precision_recall(ref["pool"], feats["pool"], k=k, device=device)
-    metrics = {
-        "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
-        "sfid": frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
-        "inception_score": inception_score(feats["logits"], split_size=is_split),
-        "precision": precision,
-        "recall": recall,
-    }
+    metrics = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+    skipped = {}
+    if ref["mu_s"] is not None:
+        metrics["sfid"] = frechet_distance(*feature_stats(feats["spatial"]), ref["mu_s"], ref["sigma_s"])
+    else:
+        skipped["sfid"] = "the reference holds no images and no mu_s/sigma_s"
+    metrics["inception_score"] = inception_score(feats["logits"], split_size=is_split)
+    if ref["pool"] is not None:
+        metrics["precision"], metrics["recall"] = precision_recall(ref["pool"], feats["pool"], k=k, device=device)
+    else:
+        skipped["precision"] = skipped["recall"] = "the reference holds statistics only, no images"
+    if paired and ref["pool"] is None:
+        raise ArgenError(f"--paired needs the original images in {ref_path} (arr_0)")
     if paired:
         metrics.update(paired_metrics(samples, NpzImages(ref_path), batch_size))
         metrics["rfid"] = metrics.pop("fid")
@@ -133,6 +149,7 @@ def score(samples_path: str | Path, ref_path: str | Path, *, inception: str | Pa
             protocol = None
     return {
         "metrics": metrics,
+        **({"skipped": skipped} if skipped else {}),
         "samples": {"path": str(samples_path), "num_images": len(samples), "image_size": list(samples.shape[1:3]),
                     "protocol": protocol},
         "reference": {"path": str(ref_path), "name": Path(ref_path).name, "sha256": ref["sha256"],
