@@ -172,6 +172,13 @@ def test_failed_evaluation_is_retried_then_given_up(tmp_path):
     lock = json.loads((run / "eval" / "locks" / "default" / "step-00000005.lock.1").read_text())
     assert lock["state"] == "failed" and "boom" in lock["error"]
     assert not (run / "eval" / "results" / "default" / "step-00000005.json").exists()
+    fake_export(run, 6)
+    watch_once(_opts(run, max_attempts=2), evaluate=CountingEval(), log=messages.append)
+    fake_export(run, 7)
+    from argen.eval.watch import status
+    states = {r["tag"]: r["state"] for r in status(_opts(run, max_attempts=2))}
+    assert states == {"step-00000005": "gave-up", "step-00000006": "done", "step-00000007": "pending"}
+    assert argen_main(["eval", "watch", str(run), "--status", "--max-attempts", "2"]) == 0
 
 
 def test_heartbeat_keeps_a_long_claim_alive(tmp_path):

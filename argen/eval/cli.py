@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation name: records live under RUN_DIR/eval/results/NAME/ (one per protocol)")
     w.add_argument("--inception", help="FID Inception weights (see `argen eval score --help`)")
     w.add_argument("--once", action="store_true", help="evaluate what is pending, then exit (for cron/scrontab)")
+    w.add_argument("--status", action="store_true", help="print where each export stands (done/running/failed/"
+                                                         "pending) and exit")
     w.add_argument("--interval", type=float, default=300, help="seconds between scans without --once (default 300)")
     w.add_argument("--lock-ttl", type=float, default=1800,
                    help="a claim whose heartbeat is older than this many seconds is taken over (default 1800)")
@@ -181,7 +183,11 @@ def _reconstruct(args) -> int:
 
 
 def _watch(args) -> int:
-    from argen.eval.watch import WatchOptions, watch
+    from argen.eval.watch import WatchOptions, print_status, watch
+    if args.status:
+        print_status(WatchOptions(run_dir=args.run_dir, name=args.name, lock_ttl=args.lock_ttl,
+                                  max_attempts=args.max_attempts))
+        return 0
     if not args.ref and not args.clip:
         raise ArgenError("argen eval watch needs --ref REF.npz, or --clip DIR for t2i, or both")
     opts = WatchOptions(run_dir=args.run_dir, vq=args.vq, ref=args.ref, inception=args.inception,

@@ -214,6 +214,48 @@ def watch_once(opts: WatchOptions, *, evaluate: Callable | None = None,
     return stored
 
 
+def status(opts: WatchOptions) -> list[dict]:
+    """Where each export of the run stands for this evaluation name: done (with its metrics), running, failed,
+    gave-up or pending."""
+    store = Store(opts.run_dir)
+    records = Records(store, opts.name, opts.lock_ttl, opts.max_attempts)
+    rows = []
+    for export in list_exports(store):
+        row = {"tag": export.tag, "step": export.step}
+        rec = store.read_json(records.result_path(export.tag))
+        if rec:
+            row.update(state="done", metrics=rec.get("metrics", {}))
+        else:
+            locks = records._locks(export.tag)
+            state, _ = records.claim_state(export.tag)
+            last = store.read_json(locks[-1][1]) if locks else None
+            if state == "held":
+                row.update(state="running", owner=(last or {}).get("owner"))
+            elif state == "gave-up":
+                row.update(state="gave-up", error=(last or {}).get("error"))
+            elif locks:
+                row.update(state="failed", attempts=len(locks), error=(last or {}).get("error"))
+            else:
+                row.update(state="pending")
+        rows.append(row)
+    return rows
+
+
+def print_status(opts: WatchOptions) -> None:
+    rows = status(opts)
+    if not rows:
+        print(f"no complete exports under {opts.run_dir}/exports")
+    for r in rows:
+        detail = ""
+        if r["state"] == "done":
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items())
+        elif r.get("error"):
+            detail = r["error"]
+        elif r.get("owner"):
+            detail = f"by {r['owner']}"
+        print(f"{r['tag']:<24} {r['state']:<8} {detail}")
+
+
 def watch(opts: WatchOptions, *, once: bool = False, interval: float = 300.0) -> int:
     if not Store(opts.run_dir).exists(Store(opts.run_dir).root):
         raise ArgenError(f"run directory not found: {opts.run_dir}")
