@@ -369,6 +369,10 @@ def test_decode_conversions_and_reasons():
     assert im.decode_image(b"hello", pol)[2] == "not_an_image"
     assert im.decode_image(png(Image.new("RGB", (4, 4))), im.DecodePolicy(min_short_side=8))[2] == "too_small"
     assert im.augmentation_names("ten_crop", [1.1])[5] == "r1.1/flip-tl"
+    big = jpeg(Image.new("RGB", (400, 240), (200, 10, 10)))
+    img, conv, skip = im.decode_image(big, im.DecodePolicy(crop_size=16, draft_pixels=10_000, max_pixels=20_000))
+    assert skip is None and "draft_decoded" in conv and 16 <= min(img.size) < 240  # huge JPEG: DCT-scaled decode
+    assert im.decode_image(png(Image.new("RGB", (400, 240))), im.DecodePolicy(max_pixels=20_000))[2] == "too_large"
 
 
 def test_codebook_over_uint16_is_refused(tmp_path):

@@ -7,11 +7,10 @@ torchvision five_crop/ten_crop order), so codes match LlamaGen's extract_codes_c
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # skip reasons (manifest "skipped") and conversion kinds (manifest "converted")
 EMPTY, NOT_IMAGE, TRUNCATED, CORRUPT, TOO_SMALL, TOO_LARGE, UNSUPPORTED = (
@@ -21,7 +20,7 @@ EMPTY, NOT_IMAGE, TRUNCATED, CORRUPT, TOO_SMALL, TOO_LARGE, UNSUPPORTED = (
 @dataclass
 class DecodePolicy:
     min_short_side: int = 0          # skip images whose short side is below this (0: keep all, upscale)
-    max_pixels: int = 1 << 28        # skip images with more pixels (decompression-bomb guard)
+    max_pixels: int = 1 << 28        # skip images with more pixels after any JPEG draft (decompression bombs)
     draft_pixels: int = 1 << 25      # JPEGs above this decode at reduced scale (DCT draft) to bound memory/time
     crop_size: int = 256             # the largest crop the augmentation needs (for upscale accounting and drafts)
 
@@ -33,21 +32,18 @@ def decode_image(data: bytes, policy: DecodePolicy) -> tuple[Image.Image | None,
     conversions: list[str] = []
     old_max = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = policy.max_pixels
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        Image.MAX_IMAGE_PIXELS = None  # our own limits below: a huge JPEG can still be decoded at reduced scale
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = img.size
+        if img.format == "JPEG" and w * h > policy.draft_pixels:
+            target = max(policy.crop_size, 1)
+            img.draft("RGB", (target, target))
+            if img.size != (w, h):
+                conversions.append("draft_decoded")
             w, h = img.size
-            if w * h > policy.max_pixels:
-                return None, [], TOO_LARGE
-            if img.format == "JPEG" and w * h > policy.draft_pixels:
-                target = max(policy.crop_size, 1)
-                img.draft("RGB", (target, target))
-                if img.size != (w, h):
-                    conversions.append("draft_decoded")
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, [], TOO_LARGE
+        if w * h > policy.max_pixels:
+            return None, [], TOO_LARGE
+        img.load()
     except UnidentifiedImageError:
         return None, [], NOT_IMAGE
     except (OSError, SyntaxError, ValueError, EOFError) as e:
