@@ -160,3 +160,20 @@ def test_roundtrip_s3(s3_bucket):
     assert len(list(wds.WebDataset(sf.shard_url(prefix, 0), shardshuffle=False))) == 4
     storage.delete(sf.shard_url(prefix, 0))
     assert not storage.exists(sf.shard_url(prefix, 0))
+
+
+def test_s3_fixture_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    from tests import s3_fixture
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("REQUIRE_S3", "1")
+    with pytest.raises(pytest.fail.Exception, match="S3 server required"):
+        s3_fixture._unavailable("nothing answers")
+    monkeypatch.delenv("REQUIRE_S3")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        s3_fixture._unavailable("nothing answers")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no S3 server"):
+        s3_fixture._unavailable("nothing answers")
+    assert not s3_fixture.answers("http://127.0.0.1:9", timeout=0.5)
