@@ -71,7 +71,7 @@ def _assert_same(a, b, where=""):
 
 @pytest.mark.timeout(240)
 def test_run_end_to_end_and_exact_resume_after_preemption(tmp_path):
-    cfg_a = _cfg(tmp_path / "a")
+    cfg_a = _cfg(tmp_path / "a", codebook_restart_every=3)
     result = train(cfg_a)
     assert result["step"] == 4 and not result["stopped_early"]
     # logs, grids, export
@@ -79,6 +79,7 @@ def test_run_end_to_end_and_exact_resume_after_preemption(tmp_path):
     steps = [r for r in recs if "loss_rec" in r]
     assert [r["step"] for r in steps] == [2, 4]
     assert {"usage_window", "psnr_train", "loss_d", "loss_g_adv", "images_per_s"} <= set(steps[-1])
+    assert steps[-1]["codes_restarted"] > 0  # dead-code re-seeding ran at step 3
     assert steps[-1]["gan_weight"] == 0.5  # disc_start 2: the GAN is on at iterations 2..4
     final = recs[-1]
     assert final["final"] and final["eval_psnr"] > 0 and -1 <= final["eval_ssim"] <= 1 and isinstance(final["rfid"], str)
@@ -92,7 +93,7 @@ def test_run_end_to_end_and_exact_resume_after_preemption(tmp_path):
         torch.testing.assert_close(vq.state_dict()[k], v)
 
     # same recipe, stopped by a preemption signal after the first step, then resumed with resume=auto
-    cfg_b = _cfg(tmp_path / "b")
+    cfg_b = _cfg(tmp_path / "b", codebook_restart_every=3)
     preemption.reset()
     preemption.request("test")
     try:

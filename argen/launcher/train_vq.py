@@ -76,6 +76,9 @@ class VQTrainSection:
     wandb: bool = False
     wandb_project: str = "argen-vq"
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    # Re-seed codebook entries unused for this many steps with encoder outputs of the current batch (0 = off,
+    # as the reference). Not needed at the reference's scale; it rescues short runs from codebook collapse.
+    codebook_restart_every: int = 0
 
     def validate(self) -> None:
         if self.global_batch_size < 1 or self.max_steps < 1:
@@ -156,6 +159,7 @@ class Trainer:
                              weight_decay=t.weight_decay)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if t.ema else None
         self.step = 0
+        self._restart_counts: torch.Tensor | None = None
         ckpt = find_resume(cfg)
         if ckpt is not None:
             self._load(ckpt)
@@ -168,6 +172,8 @@ class Trainer:
         else:
             self.model_dp, self.disc_dp = self.model, self.loss.discriminator
         self.counts = torch.zeros(self.model.codebook_size, dtype=torch.float64, device=self.device)
+        if self._restart_counts is None:
+            self._restart_counts = torch.zeros_like(self.counts)
 
     # -- state --------------------------------------------------------------------------------------------------
 
@@ -182,6 +188,8 @@ class Trainer:
                 raise ArgenError(f"{path}: train.ema is on but the checkpoint has no EMA weights")
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
+        if state.get("restart_counts") is not None:
+            self._restart_counts = state["restart_counts"].to(self.device)
         rng = path / f"rng-rank{self.rank}.pt"
         if rng.is_file():
             dev.set_rng_state(torch.load(rng, weights_only=False))
@@ -201,6 +209,7 @@ class Trainer:
             torch.save({"model": self.model.state_dict(), "discriminator": self.loss.discriminator.state_dict(),
                         "optimizer": self.opt.state_dict(), "optimizer_disc": self.opt_d.state_dict(),
                         "ema": self.ema.state_dict() if self.ema is not None else None, "step": self.step,
+                        "restart_counts": self._restart_counts,
                         "config": to_dict(self.cfg)}, tmp / "state.pt")
         _barrier()
         if self.rank == 0:
@@ -251,12 +260,46 @@ class Trainer:
                                                                          t.max_grad_norm))
             self.opt_d.step()
             logs.update(dlogs)
-        self.counts += torch.bincount(q.indices.reshape(-1), minlength=self.counts.numel()).to(self.counts.dtype)
+        hist = torch.bincount(q.indices.reshape(-1), minlength=self.counts.numel()).to(self.counts.dtype)
+        self.counts += hist
+        self._restart_counts += hist
         logs["psnr_train"] = float(psnr(x.detach(), xr.detach().float()).mean())
         if q.usage is not None:
             logs["usage_fifo"] = q.usage
         self.step += 1
+        if t.codebook_restart_every and self.step % t.codebook_restart_every == 0:
+            logs["codes_restarted"] = float(self._restart_dead_codes(x))
         return logs
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, x: torch.Tensor) -> int:
+        counts = self._restart_counts
+        if dist.is_initialized():
+            dist.all_reduce(counts)  # every rank decides on the same dead set
+        dead = (counts == 0).nonzero().flatten()
+        counts.zero_()
+        if dead.numel() == 0:
+            return 0
+        m = self.model
+        was = m.training
+        m.eval()
+        with dev.autocast(self.device, self.dtype):
+            z = m.quant_conv(m.encoder(x))
+        m.train(was)
+        z = z.permute(0, 2, 3, 1).reshape(-1, m.code_dim).float()
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.step)
+        pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=g).to(z.device)
+        new = z[pick] + 0.01 * z.std() * torch.randn(dead.numel(), z.shape[1], generator=g).to(z.device)
+        if m.config.codebook_l2_norm:
+            new = torch.nn.functional.normalize(new, dim=-1)
+        if dist.is_initialized():
+            dist.broadcast(new, 0)  # rank 0's batch supplies the new entries
+        w = m.quantize.embedding.weight
+        w[dead] = new.to(w.dtype)
+        for key, buf in self.opt.state.get(w, {}).items():
+            if torch.is_tensor(buf) and buf.shape == w.shape:
+                buf[dead] = 0  # fresh moments for the re-seeded rows
+        return int(dead.numel())
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 
