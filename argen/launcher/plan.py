@@ -501,18 +501,24 @@ def suggest(cfg: GPTConfig, gpus: int, gpu_mem_gib: float = 80.0, base: Settings
 # measurement (CPU): live tensor bytes of one training step
 # ---------------------------------------------------------------------------------------------------------------
 def measure_training_step(cfg: GPTConfig, batch: int, checkpointing: int = 0, precision: str = "fp32",
-                          warmup_steps: int = 1, seed: int = 0) -> dict:
-    """Peak live tensor bytes of a single-process training step (forward, loss, backward, AdamW step) on CPU,
-    after `warmup_steps` steps so the optimizer states exist. Tensors are tracked by storage with a
-    TorchDispatchMode (every op output) and freed through weak references, so the count is exact for tensors,
-    including the parameters, gradients and optimizer states."""
+                          warmup_steps: int = 1, seed: int = 0, device=None) -> dict:
+    """Peak memory of a single-process training step (forward, loss, backward, AdamW step), after `warmup_steps`
+    steps so the optimizer states exist.
+
+    On CPU (the default) it counts live tensor bytes: every op output's storage is tracked with a TorchDispatchMode
+    and freed through weak references, so the count is exact for tensors, including parameters, gradients and
+    optimizer states. On an accelerator it reads the allocator's peak (argen.device.peak_memory_bytes). bf16 keeps
+    fp32 master weights with the AdamW states, as DeepSpeed's bf16 optimizer does."""
     import torch
     import torch.utils.checkpoint as tuc
 
+    from argen import device as dev
     from argen.model.gpt import GPT, gpt_loss
 
+    device = torch.device(device or "cpu")
+    on_accel = dev.is_accelerator(device)
     torch.manual_seed(seed)
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     model.train()
@@ -530,17 +536,20 @@ def measure_training_step(cfg: GPTConfig, batch: int, checkpointing: int = 0, pr
     params = list(model.parameters())
     # bf16: mixed precision as DeepSpeed does it, fp32 master weights hold the AdamW states
     masters = [torch.nn.Parameter(p.detach().float()) for p in params] if precision == "bf16" else params
-    opt = torch.optim.AdamW(masters, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=False)
+    # CPU: per-tensor AdamW (the planner's device='cpu'); accelerators: torch's default foreach (device='gpu')
+    opt = torch.optim.AdamW(masters, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                            foreach=None if on_accel else False)
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=g)
+    codes = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=g).to(device)
     if cfg.model_type == "c2i":
-        cond = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+        cond = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
         cond_mask = None
     else:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        cond = torch.randn(batch, cfg.cls_token_num, cfg.caption_dim, generator=g).to(dtype)
+        cond = torch.randn(batch, cfg.cls_token_num, cfg.caption_dim, generator=g).to(device, dtype)
         cond_mask = torch.ones(batch, cfg.cls_token_num, dtype=torch.bool)
         cond_mask[:, : cfg.cls_token_num // 2] = False   # left-padded captions
+        cond_mask = cond_mask.to(device)
 
     tracker = LiveTensorBytes()
 
@@ -565,6 +574,13 @@ def measure_training_step(cfg: GPTConfig, batch: int, checkpointing: int = 0, pr
 
     for _ in range(warmup_steps):
         step()
+    if on_accel:
+        dev.synchronize(device)
+        dev.reset_peak_memory(device)
+        loss = step()
+        dev.synchronize(device)
+        return {"peak": dev.peak_memory_bytes(device), "base": None, "phase": None, "loss": loss,
+                "params": sum(p.numel() for p in model.parameters())}
     with tracker:
         tracker.track_many(params + list(model.buffers()) + [codes, cond])
         if masters is not params:
