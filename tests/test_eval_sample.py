@@ -108,28 +108,36 @@ def test_balanced_labels_and_seed_per_batch(models, monkeypatch, tmp_path):
     assert [c[1] for c in calls] == [batch_seed(0, b) for b in range(3)]
 
 
-def test_balanced_resumes_finished_batches(models, tmp_path):
-    out = tmp_path / "r.npz"
-    full = _run_ranks(models, _proto(), out, world=1)
-    # An interrupted run left batch 1 finished: it is kept, not regenerated.
+def test_balanced_resumes_after_a_crash(models, tmp_path, monkeypatch):
     gpt, vq = models
-    sampler = Sampler(gpt, vq, precision="fp32")
-    p = sampler.resolved(_proto())
-    parts = tmp_path / "r.npz.parts"
-    parts.mkdir()
-    record = sampler._record(p, None, 1)
-    (parts / "protocol.json").write_text(json.dumps({k: v for k, v in record["protocol"].items()
-                                                    if k != "world_size"}, indent=1, sort_keys=True))
-    marker = np.full((4, 12, 12, 3), 7, np.uint8)
-    np.save(parts / "batch-00000001.npy", marker)
+    full = _run_ranks(models, _proto(), tmp_path / "full.npz", world=1)  # 3 batches of 4 for 10 images
+    out, parts = tmp_path / "r.npz", tmp_path / "r.npz.parts"
+    seeds = []
+    real = Sampler._images
+
+    def crash_on_third_batch(self, p, cond, mask, seed):
+        seeds.append(seed)
+        if len(seeds) == 3:
+            raise RuntimeError("node died")
+        return real(self, p, cond, mask, seed)
+
+    monkeypatch.setattr(Sampler, "_images", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="node died"):
+        Sampler(gpt, vq, precision="fp32").run(_proto(), out)
+    assert sorted(f.name for f in parts.glob("batch-*.npy")) == ["batch-00000000.npy", "batch-00000001.npy"]
+    assert not out.exists()
+    seeds.clear()
+    monkeypatch.setattr(Sampler, "_images", lambda self, p, cond, mask, seed: seeds.append(seed) or
+                        real(self, p, cond, mask, seed))
+    ident = json.loads((parts / "protocol.json").read_text())
     resumed = _run_ranks(models, _proto(), out, world=1)
-    assert np.array_equal(resumed[4:8], marker)
-    assert np.array_equal(resumed[:4], full[:4]) and np.array_equal(resumed[8:], full[8:])
-    # parts from different settings are discarded
+    assert seeds == [batch_seed(0, 2)] and np.array_equal(resumed, full)  # only the missing batch was sampled
+    # finished batches of other weights (or other settings) are never reused
     parts.mkdir()
-    (parts / "protocol.json").write_text("{}")
-    np.save(parts / "batch-00000001.npy", marker)
-    assert np.array_equal(_run_ranks(models, _proto(), out, world=1), full)
+    (parts / "protocol.json").write_text(json.dumps({**ident, "model": "sha of another export"}))
+    np.save(parts / "batch-00000001.npy", np.zeros((4, 12, 12, 3), np.uint8))
+    seeds.clear()
+    assert np.array_equal(_run_ranks(models, _proto(), out, world=1), full) and len(seeds) == 3
 
 
 def test_reference_protocol_interleaves_ranks(models, tmp_path, monkeypatch):

@@ -161,7 +161,11 @@ class Sampler:
         caps = _captions(captions, self.model)
         parts = out.with_name(out.name + ".parts")
         record = self._record(p, caps, world)
-        identity = {k: v for k, v in record["protocol"].items() if k != "world_size"}
+        # What must match for finished batches to be reused: settings (not the rank count) and the exact weights.
+        weights = Path(self.ckpt) / "model.safetensors"
+        identity = {"protocol": {k: v for k, v in record["protocol"].items() if k != "world_size"},
+                    "model": record["model"]["config_sha256"], "vq": self.vq_path,
+                    "weights": [weights.stat().st_size, weights.stat().st_mtime_ns]}
         ident_file = parts / "protocol.json"
         if rank == 0:
             if parts.exists() and (p.protocol == "reference" or not ident_file.is_file()
