@@ -306,3 +306,31 @@ def test_watch_tokenizer_run_reconstructs_reference(tmp_path, monkeypatch):
     m = stored[0]["metrics"]
     assert {"rfid", "psnr", "ssim"} <= set(m) and "fid" not in m
     assert stored[0]["protocol"] == {"kind": "reconstruction"} and 0 < m["psnr"] < 100
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_releases_the_claim(tmp_path):
+    """A watcher stopped by SIGTERM (Slurm time limit, cron kill) releases its claim instead of leaving it stale."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    fake_export(run, 9)
+    script = (
+        "import time, argen.eval.watch as w\n"
+        "w.evaluate_export = lambda *a, **k: time.sleep(60)\n"
+        f"w.watch(w.WatchOptions(run_dir={str(run)!r}, wandb='off'), once=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    lock = run / "eval" / "locks" / "default" / "step-00000009.lock.0"
+    deadline = time.time() + 90
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert lock.exists(), "the watcher never claimed the export"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    info = json.loads(lock.read_text())
+    assert info["state"] == "interrupted" and "SystemExit" in info["error"]
+    ev = CountingEval()
+    watch_once(_opts(run), evaluate=ev, log=lambda m: None)  # taken over at once, no TTL wait
+    assert ev.calls == ["step-00000009"]

@@ -13,7 +13,10 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -189,7 +192,9 @@ def watch_once(opts: WatchOptions, *, evaluate: Callable | None = None,
                     if local != export.path:
                         shutil.rmtree(local, ignore_errors=True)
             except BaseException as e:
-                claim.release("failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+                # Released at once so another watcher need not wait out the TTL; counts as an attempt.
+                claim.release("failed" if isinstance(e, Exception) else "interrupted",
+                              error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
                 if not isinstance(e, Exception):
                     raise
                 log(f"{export.tag}: evaluation failed: {type(e).__name__}: {e}")
@@ -259,6 +264,9 @@ def print_status(opts: WatchOptions) -> None:
 def watch(opts: WatchOptions, *, once: bool = False, interval: float = 300.0) -> int:
     if not Store(opts.run_dir).exists(Store(opts.run_dir).root):
         raise ArgenError(f"run directory not found: {opts.run_dir}")
+    if threading.current_thread() is threading.main_thread():
+        # Slurm/cron stop jobs with SIGTERM: unwind so the claim in hand is released instead of going stale.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     while True:
         if once:
             stored = watch_once(opts)
