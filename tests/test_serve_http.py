@@ -1,0 +1,265 @@
+"""The HTTP server: many concurrent clients, PNG output, t2i prompts, the concurrency limit, deadlines, bad input."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import argen
+from argen.errors import ArgenError
+from argen.model import save
+from argen.model.vq import VQModel, vq_config
+from argen.serve import Engine
+from argen.serve.server import ServeApp, make_server
+from argen.serve.text import right_align
+from tests.test_serve import tiny_gpt
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Client:
+    def __init__(self, server):
+        host, port = server.server_address[:2]
+        self.base = f"http://{host}:{port}"
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 60):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def post(self, body, **kw):
+        status, headers, payload = self.request("POST", "/v1/generate", body, **kw)
+        return status, json.loads(payload)
+
+
+def serve(app):
+    server = make_server(app, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return tiny_gpt("c2i", vocab_size=256)  # VQ-micro's codebook: 256 codes, 2x downsampling -> 8x8 px images
+
+
+@pytest.fixture(scope="module")
+def vq():
+    torch.manual_seed(1)
+    return VQModel(vq_config("VQ-micro")).eval()
+
+
+@pytest.fixture(scope="module")
+def c2i_server(gpt, vq):
+    engine = Engine(gpt, max_batch=8)
+    app = ServeApp(engine, vq=vq, max_concurrency=64, timeout_s=60, max_images=4)
+    server = serve(app)
+    yield server, app
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+def test_many_concurrent_clients_get_their_own_codes(c2i_server, gpt):
+    server, _ = c2i_server
+    client = Client(server)
+    bodies = [{"class_labels": [i % 10] * (1 + i % 3), "seed": i, "cfg_scale": 1.0 + (i % 4), "top_k": [0, 30][i % 2],
+               "top_p": [1.0, 0.9][i % 3 == 0]} for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        replies = list(pool.map(client.post, bodies))
+    for body, (status, out) in zip(bodies, replies):
+        assert status == 200, out
+        ref = argen.generate(gpt, torch.tensor(body["class_labels"]), seed=body["seed"], cfg_scale=body["cfg_scale"],
+                             top_k=body["top_k"], top_p=body["top_p"])
+        assert out["codes"] == ref.tolist()
+        assert out["seed"] == body["seed"] and out["grid"] == [4, 4]
+
+
+def test_png_output(c2i_server):
+    from PIL import Image
+    client = Client(c2i_server[0])
+    status, out = client.post({"class_labels": [1, 2], "format": "png", "seed": 3})
+    assert status == 200, out
+    imgs = [Image.open(io.BytesIO(base64.b64decode(b))) for b in out["images"]]
+    assert [im.size for im in imgs] == [(8, 8), (8, 8)] and imgs[0].mode == "RGB"
+    status, headers, png = client.request("GET", "/v1/image?class_label=4&seed=3&cfg_scale=2")
+    assert status == 200 and headers["Content-Type"] == "image/png" and headers["X-Seed"] == "3"
+    assert Image.open(io.BytesIO(png)).size == (8, 8)
+
+
+def test_info_and_health(c2i_server):
+    client = Client(c2i_server[0])
+    status, _, body = client.request("GET", "/healthz")
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    status, _, body = client.request("GET", "/v1/info")
+    info = json.loads(body)
+    assert info["model_type"] == "c2i" and info["num_classes"] == 10 and info["png"] and not info["prompts"]
+    assert info["defaults"]["cfg_scale"] == 4.0
+
+
+@pytest.mark.parametrize("body, status, msg", [
+    ({"class_labels": [10]}, 400, "unknown class 10"),
+    ({"class_labels": [-1]}, 400, "unknown class -1"),
+    ({"class_labels": []}, 400, "empty"),
+    ({"class_labels": ["cat"]}, 400, "integers"),
+    ({"class_labels": [1] * 5}, 400, "at most 4"),
+    ({}, 400, "missing 'class_labels'"),
+    ({"class_labels": [1], "top_p": 1.5}, 400, "'top_p' = 1.5 is out of range"),
+    ({"class_labels": [1], "top_p": 0}, 400, "'top_p'"),
+    ({"class_labels": [1], "temperature": 0}, 400, "'temperature'"),
+    ({"class_labels": [1], "top_k": 257}, 400, "'top_k'"),
+    ({"class_labels": [1], "top_k": 2.5}, 400, "integer"),
+    ({"class_labels": [1], "cfg_scale": -1}, 400, "'cfg_scale'"),
+    ({"class_labels": [1], "cfg_scale": "high"}, 400, "must be a number"),
+    ({"class_labels": [1], "seed": -5}, 400, "'seed'"),
+    ({"class_labels": [1], "cfg_schedule": "cosine"}, 400, "cfg_schedule"),
+    ({"class_labels": [1], "format": "jpeg"}, 400, "'format'"),
+    ({"class_labels": [1], "topk": 5}, 400, "did you mean 'top_k'"),
+    ({"prompts": ["a cat"]}, 400, "class-conditional"),
+    ([1, 2], 400, "JSON object"),
+])
+def test_bad_requests_get_clear_400s(c2i_server, body, status, msg):
+    got, out = Client(c2i_server[0]).post(body)
+    assert got == status and msg in out["error"], out
+
+
+def test_malformed_http(c2i_server):
+    client = Client(c2i_server[0])
+    status, _, body = client.request("POST", "/v1/generate", raw=b"{not json")
+    assert status == 400 and "not valid JSON" in json.loads(body)["error"]
+    status, _, body = client.request("GET", "/v1/nothing")
+    assert status == 404
+    status, _, body = client.request("GET", "/v1/image?class_label=x")
+    assert status == 400 and "class_label" in json.loads(body)["error"]
+
+
+def test_concurrency_limit_answers_503(gpt):
+    with Engine(gpt, max_batch=2) as engine:
+        app = ServeApp(engine, max_concurrency=2, timeout_s=60)
+        server = serve(app)
+        try:
+            app._slots.acquire()
+            app._slots.acquire()  # two requests "in flight"
+            status, out = Client(server).post({"class_labels": [1]})
+            assert status == 503 and "busy" in out["error"]
+            app._slots.release()
+            status, out = Client(server).post({"class_labels": [1], "seed": 0})
+            assert status == 200
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_deadline_answers_504_and_frees_the_slots():
+    model = tiny_gpt("c2i", image_size=256)  # 256 tokens: far longer than the deadline
+    with Engine(model, max_batch=2) as engine:
+        app = ServeApp(engine, timeout_s=60)
+        server = serve(app)
+        try:
+            status, out = Client(server).post({"class_labels": [1, 2], "timeout_s": 0.05})
+            assert status == 504 and "0.05 s" in out["error"]
+            deadline = time.monotonic() + 10
+            while engine.busy_slots and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.busy_slots == 0
+            status, out = Client(server).post({"class_labels": [3], "num_tokens": 3, "seed": 1})
+            assert status == 200 and len(out["codes"][0]) == 3
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_png_needs_a_vq_decoder(gpt):
+    with Engine(gpt, max_batch=1) as engine:
+        app = ServeApp(engine)
+        with pytest.raises(Exception, match="--vq"):
+            app.parse({"class_labels": [1], "format": "png"})
+
+
+def test_t2i_prompts_through_a_text_encoder():
+    model = tiny_gpt("t2i")
+    table = {}
+
+    def encoder(prompts):  # stands in for T5: a fixed feature sequence per prompt, length = word count
+        feats = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(sum(map(ord, p)))
+            feats.append(table.setdefault(p, torch.randn(min(len(p.split()), 6), 24, generator=g)))
+        return right_align(feats, 6, 24)
+
+    with Engine(model, max_batch=4) as engine:
+        server = serve(ServeApp(engine, text_encoder=encoder))
+        client = Client(server)
+        try:
+            status, out = client.post({"prompts": ["a red fox", "two cats on a mat"], "seed": 7, "cfg_scale": 3.0,
+                                       "top_k": 50})
+            assert status == 200, out
+            feats, mask = encoder(["a red fox", "two cats on a mat"])
+            ref = argen.generate(model, feats, cond_mask=mask, seed=7, cfg_scale=3.0, top_k=50)
+            assert out["codes"] == ref.tolist()
+            status, out = client.post({"prompts": ["ok", "  "]})
+            assert status == 400 and "prompt 1 is empty" in out["error"]
+            status, out = client.post({"class_labels": [1]})
+            assert status == 400 and "text-conditional" in out["error"]
+        finally:
+            server.shutdown()
+            server.server_close()
+        no_t5 = ServeApp(engine)
+        with pytest.raises(Exception, match="--t5 PATH"):
+            no_t5.parse({"prompt": "a cat"})
+
+
+def test_cli_errors_name_the_input(tmp_path):
+    from argen.serve.cli import main
+    with pytest.raises(ArgenError, match="missing config.json"):
+        main([str(tmp_path / "nope"), "--port", "0"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+
+@pytest.mark.timeout(180)
+def test_cli_serves_a_checkpoint(tmp_path, gpt, vq):
+    save(gpt, tmp_path / "gpt")
+    save(vq, tmp_path / "vq")
+    proc = subprocess.Popen([sys.executable, "-m", "argen.cli", "serve", str(tmp_path / "gpt"), "--port", "0",
+                             "--vq", str(tmp_path / "vq"), "--threads", "1", "--log-level", "WARNING"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "http://" in line, line + proc.stderr.read()
+        base = line.split("http://")[1].split()[0]
+        req = urllib.request.Request(f"http://{base}/v1/generate", method="POST",
+                                     data=json.dumps({"class_labels": [2], "seed": 4, "format": "png"}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out = json.loads(r.read())
+        assert len(out["images"]) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
