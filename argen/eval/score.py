@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def reference_features(ref_path: str | Path, net: InceptionV3, weights_sha: str,
                  "sigma_s": sigma_s}
         if use_cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
+            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
             np.savez(tmp, **feats)
             os.replace(tmp, cache)
     # ADM uses the ref batch's stored statistics (ImageNet train for VIRTUAL_imagenet256_labeled.npz) when present.
