@@ -128,11 +128,11 @@ def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
 def _read_segment(url: str, seg: Segment, counter: list[int]) -> list[dict[str, bytes]]:
     """Members of samples [seg.lo, seg.hi) of one shard, grouped per sample, in stored order.
 
-    The shard is read whole into memory (one sequential read, or one ranged GET on S3) and gunzipped at C speed;
+    The shard is read whole into memory (one sequential read, or one GET on S3) and gunzipped at C speed;
     shards are a few MB, and a block usually needs most of a shard anyway.
     """
-    with storage.open_url(url, "rb") as raw:
-        buf = raw.read()
+    fs, path = storage.get_fs(url)
+    buf = fs.cat_file(path)  # one GET on S3 (no HEAD first); a missing object raises FileNotFoundError
     counter[0] += len(buf)
     if buf[:2] == b"\x1f\x8b":
         buf = gzip.decompress(buf)
