@@ -115,7 +115,9 @@ def _local_copy(store: Store, export: Export, work: Path) -> str:
 def _wandb_mode(requested: str) -> str:
     if requested in ("online", "offline", "off"):
         return requested
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+    if os.environ.get("WANDB_MODE") == "disabled":
+        return "off"
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
         return "offline"
     if os.environ.get("WANDB_API_KEY"):
         return "online"
