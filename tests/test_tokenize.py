@@ -106,6 +106,8 @@ def ref_ten_crop(img: Image.Image, size: int) -> list[Image.Image]:
 
 
 def ref_codes(vq, img: Image.Image, ranges=(1.1, 1.05), mode="ten_crop") -> np.ndarray:
+    """The codes of one image's crops in one forward pass (compared with a job run at crops_per_forward = n_aug,
+    since conv rounding depends on the batch size and can flip argmin near-ties)."""
     crops = []
     if mode == "ten_crop":
         for r in ranges:
@@ -170,7 +172,7 @@ BAD_POLICY = ("min_short_side=8", "max_pixels=100000")
 def test_class_folder_with_broken_files(tmp_path, vq_dir):
     exp = broken_class_tree(tmp_path / "train")
     cfg = make_cfg(vq_dir, str(tmp_path / "out"), "source.kind=imagenet_folder", f"source.path={tmp_path / 'train'}",
-                   "output.samples_per_shard=5", "num_workers=2", *BAD_POLICY)
+                   "output.samples_per_shard=5", "num_workers=2", "vq.crops_per_forward=20", *BAD_POLICY)
     job, stats = run(cfg)
     m = job.finalize()
     m2, samples = dataset(str(tmp_path / "out"))
@@ -297,7 +299,7 @@ def test_img2dataset_captions_and_t5_features(tmp_path, vq_dir, t5_dir):
     # captions come from the parquet column when asked
     cfg = make_cfg(vq_dir, str(tmp_path / "out-pq"), "source.kind=img2dataset", f"source.path={tmp_path / 'laion'}",
                    "augment.mode=center", "source.parquet=true", "source.caption_column=top_caption",
-                   "source.limit=1")
+                   "source.limit=1", "vq.crops_per_forward=1")
     job, _ = run(cfg)
     job.finalize()
     _, pq_samples = dataset(str(tmp_path / "out-pq"))
