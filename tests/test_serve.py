@@ -69,9 +69,13 @@ def test_same_codes_as_generate(engine, c2i, params):
     assert torch.equal(got, ref)
 
 
-def test_mixed_batch_each_request_matches_generate(engine, c2i):
+@pytest.mark.parametrize("static", [False, True], ids=["bucketed", "static-shapes"])
+def test_mixed_batch_each_request_matches_generate(engine, c2i, static):
     """More images than slots, different parameters per request: every request still gets its own codes, so the
-    uncond row of each image is its own whatever it is batched with."""
+    uncond row of each image is its own whatever it is batched with. static: the accelerator layout (all slots,
+    whole cache, every step)."""
+    if static:
+        engine = Engine(c2i, max_batch=6, length_bucket=0)
     reqs = [Request([i % 10] * (1 + i % 3), seed=100 + i, **PARAMS[i % len(PARAMS)]) for i in range(9)]
     futs = [engine.submit(r) for r in reqs]
     results = [f.result(timeout=60) for f in futs]
@@ -80,6 +84,14 @@ def test_mixed_batch_each_request_matches_generate(engine, c2i):
                                          "num_tokens")}
         assert torch.equal(res.codes, argen.generate(c2i, torch.tensor(r.cond), seed=r.seed, **kw))
     assert sum(res.codes.shape[0] for res in results) > engine.max_batch  # some waited for free slots
+    if static:
+        engine.close()
+
+
+def test_warmup(c2i):
+    with Engine(c2i, max_batch=2) as eng:
+        assert eng.warmup(timeout=60) > 0
+        assert eng.busy_slots == 0
 
 
 def test_new_requests_join_a_running_batch(c2i):

@@ -251,8 +251,10 @@ def test_cli_serves_a_checkpoint(tmp_path, gpt, vq):
                              "--vq", str(tmp_path / "vq"), "--threads", "1", "--log-level", "WARNING"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        assert "http://" in line, line + proc.stderr.read()
+        line = ""
+        while "http://" not in line:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
         base = line.split("http://")[1].split()[0]
         req = urllib.request.Request(f"http://{base}/v1/generate", method="POST",
                                      data=json.dumps({"class_labels": [2], "seed": 4, "format": "png"}).encode())

@@ -184,7 +184,9 @@ class Engine:
     compile: True, False or "auto" (compile the decode step; on an accelerator with CUDA graphs). If compilation
     fails the engine logs why and runs eagerly.
     length_bucket: decode attends over the cache up to the longest live position rounded up to this many columns
-    (on CPU); 0 = always the full cache (a single static shape, what CUDA graphs need; the default on accelerators).
+    and over the slots up to the highest live one (the CPU default, 64); 0 = static shapes: every step runs all
+    slots over the whole cache, one shape for one CUDA graph (the default on accelerators, where a graph replay
+    costs less than the work skipped).
     The engine owns the model while it runs: do not train or call argen.generate on it from another thread.
     """
 
@@ -257,6 +259,15 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+    def warmup(self, timeout: float | None = None) -> float:
+        """Run a two-token request so compilation (and CUDA-graph capture) happens now, not in a user's request.
+        Returns the seconds it took."""
+        t = time.monotonic()
+        c = self.config
+        cond = [0] if c.model_type == "c2i" else torch.zeros(1, c.cls_token_num, c.caption_dim)
+        self.generate(Request(cond, cfg_scale=2.0, top_k=1, seed=0, num_tokens=min(2, self.N)), timeout=timeout)
+        return time.monotonic() - t
 
     @property
     def busy_slots(self) -> int:
@@ -460,7 +471,7 @@ class Engine:
 
     def _decode(self) -> None:
         live = [i for i, s in enumerate(self._slots) if s is not None]
-        hi = live[-1] + 1
+        hi = live[-1] + 1 if self.length_bucket else self.max_batch  # free slots compute harmless garbage
         jobs = list({id(self._slots[i]): self._slots[i] for i in live}.values())
         if self.length_bucket:
             longest = self.T + max(j.step for j in jobs)  # highest position fed this step, plus one
@@ -475,6 +486,9 @@ class Engine:
         self._sample(logits.view(hi, 2, -1), None, jobs, {id(j): j.slot_index for j in jobs})
 
     def _call_decoder(self, tok, pos, km, length):
+        if self._compile_mode == "reduce-overhead" and self._compiled:
+            # each step starts a new CUDA-graph generation: the previous step's logits are consumed already
+            torch.compiler.cudagraph_mark_step_begin()
         if self._compile_mode and not self._compiled:
             self._compiled = True
             try:
