@@ -205,3 +205,33 @@ def test_no_slurm_client_gives_clear_error(monkeypatch, cfg, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     with pytest.raises(slurm.SlurmError, match="no Slurm client"):
         submit_cli.main(["train", str(cfg), "-G", "1", "--time", "10"])
+
+
+def test_scrontab_install_replace_remove_keeps_other_entries(tmp_path, monkeypatch, capsys):
+    """scrontab mode edits only argen's marked block. The local cluster (Debian's Slurm) has no scrontab, so a
+    tiny stand-in `scrontab` (read with -l, replace with FILE, like the real one) holds the table here."""
+    bin_dir, table = tmp_path / "bin", tmp_path / "table"
+    bin_dir.mkdir()
+    (bin_dir / "scrontab").write_text(
+        f'#!/bin/bash\nif [ "$1" = -l ]; then [ -f {table} ] && exec cat {table}; echo "no crontab" >&2; exit 1; fi\n'
+        f'cp "$1" {table}\n')
+    (bin_dir / "scrontab").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    table.write_text("#SCRON --time=5\n0 0 * * * echo mine\n")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    run_a.mkdir(), run_b.mkdir()
+    base = ["eval-cron", "--mode", "scrontab"]
+    assert submit_cli.main([*base[:1], str(run_a), *base[1:], "--every", "30m"]) == 0
+    assert submit_cli.main([*base[:1], str(run_a), *base[1:], "--every", "1h", "--", "--num", "50"]) == 0
+    assert submit_cli.main([*base[:1], str(run_b), *base[1:], "--every", "15m"]) == 0
+    text = table.read_text()
+    assert text.startswith("#SCRON --time=5\n0 0 * * * echo mine\n")
+    assert text.count(f"# >>> argen eval-cron {run_a} >>>") == 1 and "*/30 * * * *" not in text
+    assert f"0 * * * * {sys.executable} -m argen.cli eval watch {run_a} --once --num 50" in text
+    assert f"*/15 * * * * {sys.executable} -m argen.cli eval watch {run_b} --once" in text
+    assert f"#SCRON --output={run_a}/slurm/argen-eval-a.out" in text and (run_a / "slurm").is_dir()
+    assert submit_cli.main([*base[:1], str(run_a), *base[1:], "--remove"]) == 0
+    text = table.read_text()
+    assert str(run_a) not in text and f"eval watch {run_b}" in text and "echo mine" in text
+    with pytest.raises(ArgenError, match="divisor of 60"):
+        submit_cli.main([*base[:1], str(run_a), *base[1:], "--every", "45m"])

@@ -6,7 +6,7 @@
 #   SLURM_NODES=2            emulated compute nodes n1..nN (multiple-slurmd, all on 127.0.0.1)
 #   SLURM_CPUS_PER_NODE=2    CPUs each node advertises (may exceed nproc)
 #   SLURM_MEM_PER_NODE=...   RealMemory (MB) per node (default: 80% of RAM / nodes)
-#   SLURM_FAKE_GPUS=0        advertise N fake "gpu" GRES per node (no real devices)
+#   SLURM_FAKE_GPUS=2        advertise N fake "gpu" GRES per node (char-device aliases of /dev/null; 0 = none)
 #   SLURM_CLEAN_STATE=1      start slurmctld with -c (forget old jobs/node states; job ids
 #                            keep counting - use slurm-down.sh --purge to restart them at 1)
 #   SLURM_UP_TIMEOUT=60      seconds to wait for all nodes to be idle
@@ -21,7 +21,7 @@ set -euo pipefail
 
 NODES=${SLURM_NODES:-2}
 CPUS=${SLURM_CPUS_PER_NODE:-2}
-FAKE_GPUS=${SLURM_FAKE_GPUS:-0}
+FAKE_GPUS=${SLURM_FAKE_GPUS:-2}
 CLEAN=${SLURM_CLEAN_STATE:-1}
 TIMEOUT=${SLURM_UP_TIMEOUT:-60}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
