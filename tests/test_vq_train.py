@@ -157,3 +157,10 @@ def test_data_parallel_matches_single_process(tmp_path):
             continue  # the usage FIFO is per rank by design
         torch.testing.assert_close(a["model"][k], v, atol=2e-5, rtol=1e-4, msg=k)
     # (the GAN is off here: the PatchGAN's BatchNorm sees per-rank batches, as in the reference, so D differs)
+
+
+def test_bf16_autocast_step_runs(tmp_path):
+    result = train(_cfg(tmp_path / "bf16", precision="bf16", max_steps=2, ema=False, grid_every=100, ckpt_every=100))
+    assert result["step"] == 2 and result["loss_rec"] == result["loss_rec"]  # finite, not NaN
+    vq = argen.model.load(result["export"])
+    assert next(vq.parameters()).dtype == torch.float32  # master weights stay fp32
