@@ -176,6 +176,26 @@ def main() -> None:
     print(f"\nratio argen/reference: images/s x{best_ref / best_argen:.2f}, bytes {ab / rb:.3f} "
           f"(plain tar {pb / rb:.3f}), on disk {ad / rd:.3f}, files {af}/{rf} "
           f"({len(m.shards)} shard + manifest vs 2 per image per crop range)")
+    worst_case_bytes()
+
+
+def worst_case_bytes() -> None:
+    """Bytes per sample when the codes are incompressible (uniform over a 16384 codebook: a trained VQ-16 on
+    real photos is close to this); a random-init demo VQ uses few codes and flatters gzip."""
+    import tempfile as tf
+
+    rng = np.random.default_rng(0)
+    print("\nincompressible codes (uniform over 16384), 20 grids + label per image, 1000 images:")
+    for size, grid in ((256, 16), (384, 24)):
+        ref = 2 * ((128 + 10 * grid * grid * 8) + (128 + 8))  # per crop range: (1,10,T) int64 .npy + (1,) label .npy
+        row = [f"  {size} px ({grid}x{grid}): reference {ref} B/image"]
+        for comp in ("gzip", "none"):
+            with sf.ShardWriter(tf.mkdtemp(), 0, compression=comp) as w:
+                for i in range(1000):
+                    w.write(sf.encode_sample(i, rng.integers(0, 16384, (20, grid * grid)), label=i % 1000))
+                info = w.commit()
+            row.append(f"argen {comp} {info.bytes / 1000:.0f} B/image ({info.bytes / 1000 / ref:.3f})")
+        print(", ".join(row))
 
 
 if __name__ == "__main__":

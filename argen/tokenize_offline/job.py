@@ -305,7 +305,11 @@ class TokenizeJob:
 
             t5 = T5TextEncoder(cfg.text.t5_path, device=device, dtype=getattr(torch, cfg.text.dtype),
                                max_length=cfg.text.max_length)
-        total = sum(len(index.units[j]) for j in pending) if index.kind != "img2dataset" else None
+        if index.kind != "img2dataset":
+            total = sum(len(index.units[j]) for j in pending)
+        else:  # known only when img2dataset's NNNNN_stats.json files were found
+            counts = [index.units[j].get("count") for j in pending]
+            total = sum(counts) if all(c is not None for c in counts) else None
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="img", desc=f"tokenize part {part.index}/{part.count}", dynamic_ncols=True,
@@ -334,8 +338,7 @@ class TokenizeJob:
         converted: dict[str, int] = {}
         if index.kind == "img2dataset":
             items, sk, _notes = src.load_img2dataset_unit(index.units[j], cfg.source.caption_column)
-            _merge(skipped, sk)
-            bar.update(sum(sk.values()) - sk.get(src.UNREADABLE_SOURCE, 0))
+            _merge(skipped, sk)  # the bar counts images (img2dataset's "successes"), not rows without one
         else:
             items = index.units[j]
         num_inputs = len(items) + sum(v for k, v in skipped.items() if k != src.UNREADABLE_SOURCE)

@@ -200,11 +200,24 @@ def index_img2dataset(path: str, parquet: bool, limit_shards: int | None = None)
         urls = urls[:limit_shards]
     units = []
     for u in urls:
-        spec = {"tar": u}
+        spec: dict[str, Any] = {"tar": u}
         if parquet:
             spec["parquet"] = u[: -len(".tar")] + ".parquet"
+        spec["count"] = _img2dataset_count(u[: -len(".tar")] + "_stats.json")
         units.append(spec)
-    return SourceIndex("img2dataset", "caption", units, num_items=None, meta={"path": path, "shards": len(urls)})
+    counts = [s["count"] for s in units]
+    total = sum(counts) if all(c is not None for c in counts) else None
+    return SourceIndex("img2dataset", "caption", units, num_items=total, meta={"path": path, "shards": len(urls)})
+
+
+def _img2dataset_count(stats_url: str) -> int | None:
+    """Successful downloads in a shard from img2dataset's NNNNN_stats.json (for the progress bar), if present."""
+    import json
+
+    try:
+        return int(json.loads(storage.read_bytes(stats_url))["successes"])
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- unit loading
