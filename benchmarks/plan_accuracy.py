@@ -39,8 +39,8 @@ def run_case(cfg: GPTConfig, batch: int, ckpt: int, precision: str, device: str,
     t0 = time.perf_counter()
     measured = P.measure_training_step(cfg, batch, checkpointing=ckpt, precision=precision, device=torch_device)
     wall = time.perf_counter() - t0
-    s = P.Settings(micro_batch=batch, global_batch=batch, precision=precision, checkpointing=ckpt,  # type: ignore[arg-type]
-                   device=device, engine=engine)  # type: ignore[arg-type]
+    s = P.Settings(micro_batch=batch, global_batch=batch, precision=precision,  # type: ignore[arg-type]
+                   checkpointing=ckpt, device=device, engine=engine)  # type: ignore[arg-type]
     est = P.estimate(cfg, P.Layout(), s)
     return measured, est, wall
 

@@ -130,6 +130,8 @@ def test_suggestions_for_gpt3b_on_64x80gb_all_fit_and_prefer_little_model_parall
     (["--model", "GPT-3X", "--gpus", "8"], "unknown model"),
     (["--model", "GPT-B", "--seq", "300"], "--seq 300"),
     (["--model", "GPT-B", "--dp", "8", "--micro-batch", "3"], "not divisible by micro-batch"),
+    (["--model", "GPT-B", "--gpus", "8", "--dp", "3"], "disagrees with --gpus"),
+    (["--model", "custom", "--gpus", "8"], "needs --n-layer"),
 ])
 def test_impossible_layouts_are_one_line_errors(argv, needle, capsys):
     assert cli.main(["plan", *argv]) == 2
@@ -141,7 +143,8 @@ def test_impossible_layouts_are_one_line_errors(argv, needle, capsys):
 
 
 def test_cli_layout_table_suggestions_and_help(capsys):
-    assert cli.main(["plan", "--model", "GPT-3B", "--gpus", "64", "--tp", "2", "--zero", "1", "--micro-batch", "4"]) == 0
+    argv = ["plan", "--model", "GPT-3B", "--gpus", "64", "--tp", "2", "--zero", "1", "--micro-batch", "4"]
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
     for word in ("parameters", "gradients", "optimizer states", "activations", "total (peak)", "*ZeRO-1", "dp=32"):
         assert word in out

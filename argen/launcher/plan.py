@@ -108,6 +108,8 @@ def model_config(name: str, image_size: int = 256, model_type: str = "c2i", seq:
                              f"training sequence length prefix({prefix}) + tokens - 1")
         overrides["block_size"] = block
     if name == "custom" or name not in GPT_SIZES and {"n_layer", "n_head", "dim"} <= overrides.keys():
+        if not {"n_layer", "n_head", "dim"} <= overrides.keys():
+            raise ArgenError("model 'custom' needs --n-layer, --n-head and --dim")
         base = GPTConfig(name=name, model_type=model_type,  # type: ignore[arg-type]
                          cls_token_num=120 if model_type == "t2i" else 1,
                          block_size=(image_size // 16) ** 2)
@@ -342,7 +344,9 @@ def _estimate_stage(cfg: GPTConfig, layout: Layout, s: Settings, stage: int) -> 
     a_layers = [a_ckpt if c else a_full for c in ckpt]
     a_emb = embedding_activation_bytes(cfg, b, s) if first else 0
     a_head = head_activation_bytes(cfg, b, tp, s) if last else 0
-    a_mb = a_emb + sum(a_layers) + a_head
+    # DeepSpeed's pipeline engine keeps each in-flight micro-batch's received input and sent output (b, S, d)
+    a_pipe = 2 * b * cfg.seq_len * cfg.dim * s.act_bytes if pp > 1 else 0
+    a_mb = a_emb + sum(a_layers) + a_head + a_pipe
     others = (in_flight - 1) * a_mb
     moments = block_backward_moments(cfg, b, tp, s)
     # gradients exist for the whole step with DeepSpeed buffers, or once a previous micro-batch has accumulated
@@ -364,7 +368,7 @@ def _estimate_stage(cfg: GPTConfig, layout: Layout, s: Settings, stage: int) -> 
               head_backward_transient(cfg, b, tp))
     # backward of each block, top to bottom; the head's saved tensors are gone by then. A recomputed block first
     # rebuilds its full saved set.
-    remaining = others + a_emb + sum(a_layers)
+    remaining = others + a_emb + sum(a_layers) + a_pipe
     grads_done = g_of(p_head)
     for j in reversed(range(len(layers))):
         acts = remaining + ((a_full - a_ckpt) if ckpt[j] else 0)

@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = ap.add_argument_group("model")
     m.add_argument("--model", default="GPT-B", metavar="NAME",
                    help=f"zoo name ({', '.join(GPT_SIZES)}) or 'custom' with --n-layer/--n-head/--dim (default GPT-B)")
-    m.add_argument("--model-type", choices=["c2i", "t2i"], default="c2i", help="class- or text-conditional (default c2i)")
-    m.add_argument("--image-size", type=int, default=256, help="pixels; 16x downsampling gives the token grid (default 256)")
+    m.add_argument("--model-type", choices=["c2i", "t2i"], default="c2i",
+                   help="class- or text-conditional (default c2i)")
+    m.add_argument("--image-size", type=int, default=256,
+                   help="pixels; 16x downsampling gives the token grid (default 256)")
     m.add_argument("--seq", type=int, default=None,
                    help="image tokens per sample (a square: 256, 576, 1024) or the training sequence length; "
                         "overrides --image-size")
