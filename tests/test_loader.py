@@ -247,8 +247,13 @@ def test_schedule_matches_plan_blocks():
             break
     for d in (0, 1):
         mine = [(r.epoch, r.index) for r in refs if r.component == d]
-        per = plans[d].blocks_per_epoch
-        assert mine == [(k // per, k % per) for k in range(len(mine))]
+        want = [(e, b) for e in range(10) for b in range(plans[d].blocks_in(e))][:len(mine)]
+        assert mine == want
+        for e in range(3):                              # blocks: whole shard segments, >= block_size but the last
+            sizes = [len(plans[d].block(e, b)) for b in range(plans[d].blocks_in(e))]
+            assert sum(sizes) == sum(plans[d].counts) and all(x >= plans[d].block_size for x in sizes[:-1])
+            shards = [s.shard for b in range(plans[d].blocks_in(e)) for s in plans[d].block(e, b).segments]
+            assert len(shards) == len(set(shards))     # every shard read by one block only
 
 
 @pytest.mark.timeout(60)

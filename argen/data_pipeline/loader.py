@@ -42,10 +42,12 @@ tariterators do), shard_format.decode_sample decodes samples, torch DataLoader w
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
@@ -54,9 +56,9 @@ import torch
 
 from argen.data_pipeline import shard_format
 from argen.data_pipeline.collate import collate
-from argen.data_pipeline.reader import ReadEvents, Source, read_block
+from argen.data_pipeline.reader import ReadEvents, Source, fetch, read_block
 from argen.data_pipeline.retry import RetryConfig, ShardUnreadable
-from argen.data_pipeline.sampler import EpochPlan, Mixture, schedule
+from argen.data_pipeline.sampler import BlockRef, EpochPlan, Mixture, schedule
 from argen.errors import ArgenError
 
 log = logging.getLogger("argen.data")
@@ -130,17 +132,35 @@ class _BlockStream(torch.utils.data.IterableDataset):
         self.position, self.consumed, self.retry, self.task = position, consumed, retry, task
 
     def blocks(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        for j, ref in enumerate(schedule(self.plans, self.mixture, self.position, self.consumed)):
-            if j % num_workers != worker:
-                continue
+        mine = (ref for j, ref in enumerate(schedule(self.plans, self.mixture, self.position, self.consumed))
+                if j % num_workers == worker)
+        # The shards of this worker's next block are fetched by a thread while the current one is decoded:
+        # network waits (S3) overlap the CPU work. A fetch that fails is simply redone by the retry loop.
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argen-fetch")
+        pending: collections.deque = collections.deque()
+
+        def submit(ref: BlockRef) -> None:
             block = self.plans[ref.component].block(ref.epoch, ref.index)
-            try:
-                yield read_block(self.sources[ref.component], block, ref.offset, self.retry, self.task)
-            except ShardUnreadable as e:
-                # an error item rather than an exception: DataLoader would wrap it in a traceback-laden message
-                yield {"error": f"cannot read shard {e.url} after {e.attempts} attempts ({e.reason}); "
-                                f"check the storage service and credentials"}
-                return
+            src = self.sources[ref.component]
+            pending.append((ref, block, [pool.submit(fetch, src.shard_urls[s.shard]) for s in block.segments]))
+
+        try:
+            submit(next(mine))
+            while pending:
+                ref, block, futures = pending.popleft()
+                submit(next(mine))
+                try:
+                    yield read_block(self.sources[ref.component], block, ref.offset, self.retry, self.task, futures)
+                except ShardUnreadable as e:
+                    # an error item rather than an exception: DataLoader would wrap it in a traceback-laden message
+                    yield {"error": f"cannot read shard {e.url} after {e.attempts} attempts ({e.reason}); "
+                                    f"check the storage service and credentials"}
+                    return
+        finally:
+            for _, _, futures in pending:
+                for f in futures:
+                    f.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

@@ -12,6 +12,7 @@ import io
 import logging
 import tarfile
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
@@ -125,14 +126,20 @@ def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
                 yield member.name, tar.extractfile(member).read()
 
 
-def _read_segment(url: str, seg: Segment, counter: list[int]) -> list[dict[str, bytes]]:
+def fetch(url: str) -> bytes:
+    """A whole shard's bytes: one GET on S3 (no HEAD first); a missing object raises FileNotFoundError."""
+    fs, path = storage.get_fs(url)
+    return fs.cat_file(path)
+
+
+def _read_segment(url: str, seg: Segment, counter: list[int], raw: Future | None = None) -> list[dict[str, bytes]]:
     """Members of samples [seg.lo, seg.hi) of one shard, grouped per sample, in stored order.
 
     The shard is read whole into memory (one sequential read, or one GET on S3) and gunzipped at C speed;
-    shards are a few MB, and a block usually needs most of a shard anyway.
+    shards are a few MB, and blocks are cut at shard boundaries, so a block needs its shards whole. `raw` is a
+    read started ahead of time (see loader._BlockStream); it is used for the first attempt only.
     """
-    fs, path = storage.get_fs(url)
-    buf = fs.cat_file(path)  # one GET on S3 (no HEAD first); a missing object raises FileNotFoundError
+    buf = raw.result() if raw is not None else fetch(url)   # a prefetched read's error is handled like any other
     counter[0] += len(buf)
     if buf[:2] == b"\x1f\x8b":
         buf = gzip.decompress(buf)
@@ -185,20 +192,29 @@ class _CodesDecoder:
         return None
 
 
-def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task: str) -> dict[str, Any]:
-    """The block's samples from `offset` on, as columns of tensors (see loader.py for the fields)."""
+def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task: str,
+               prefetched: list[Future] | None = None) -> dict[str, Any]:
+    """The block's samples from `offset` on, as columns of tensors (see loader.py for the fields).
+
+    `prefetched`: one future per segment holding the shard's bytes, from reads started while the previous block
+    was being decoded (network time overlaps CPU time)."""
     t0 = time.perf_counter()
     ev = ReadEvents(url=src.url, block=f"(epoch {block.epoch}, block {block.index})")
     members: list[dict[str, bytes] | None] = []
-    for seg in block.segments:
+    for i, seg in enumerate(block.segments):
         url = src.shard_urls[seg.shard]
         counter = [0]
+        first = [prefetched[i] if prefetched else None]
 
         def note(reason: str) -> None:
             ev.retries += 1
 
+        def attempt() -> list[dict[str, bytes]]:
+            raw, first[0] = first[0], None
+            return _read_segment(url, seg, counter, raw)
+
         try:
-            members.extend(read_with_retry(url, lambda: _read_segment(url, seg, counter), retry, on_retry=note))
+            members.extend(read_with_retry(url, attempt, retry, on_retry=note))
         except ShardCorrupt as e:
             log.debug("skipping %d samples of corrupt shard %s: %s", seg.hi - seg.lo, url, e.reason)
             ev.corrupt.append((url, e.reason))

@@ -12,10 +12,12 @@ One epoch of one data set on one rank:
    cover the stream exactly (n_r is T // W or T // W + 1), so every sample is on exactly one rank; with drop_last
    each rank takes the same multiple of the batch size and the tail of the (shuffled) stream is left out.
    Contiguous ranges keep reads sequential: a rank touches only its own shards (plus at most two shared ones).
-3. blocks: the rank range is cut into blocks of `block_size` consecutive samples; each block is permuted by a
-   permutation drawn from (seed, component, epoch, block start). This is the shuffle buffer. Blocks are the unit a
-   loader worker reads, and their boundaries do not depend on the number of workers: that is what makes the order
-   (and resume) independent of the worker count.
+3. blocks: the rank's part of the stream is cut into blocks of whole shard segments, each at least
+   `block_size` samples (the last one of an epoch may be smaller), and each block is permuted by a permutation drawn
+   from (seed, component, epoch, block start). This is the shuffle buffer. Blocks are the unit a loader worker
+   reads; cutting at shard boundaries means every shard is fetched and parsed once per epoch (a shard shared by two
+   ranks once per rank), and block boundaries do not depend on the number of workers: that is what makes the
+   order (and resume) independent of the worker count.
 4. augmentation: sample `sid` in epoch `e` uses augmentation hash(seed, component, e, sid) mod n_aug.
 
 A rank's stream of a data set is the concatenation of its epochs; a mixture draws, at each of the rank's output
@@ -80,6 +82,14 @@ class Block:
         return len(self.order)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    segments: tuple[Segment, ...]     # the rank's part of the epoch's stream, in stream order
+    seg_starts: np.ndarray            # rank position of each segment's first sample (plus the end)
+    bounds: np.ndarray                # rank positions where blocks start (plus rank_len at the end)
+    seg_of_block: np.ndarray          # index of each block's first segment (plus len(segments))
+
+
 class EpochPlan:
     """The order of one component's samples on one rank, for every epoch (see the module docstring)."""
 
@@ -101,7 +111,7 @@ class EpochPlan:
             self.rank_start, self.rank_len = rank * q + min(rank, rem), q + (1 if rank < rem else 0)
         # the largest rank share: what all ranks step through per epoch
         self.max_rank_len = self.rank_len if drop_last else -(-self.total // world_size)
-        self.blocks_per_epoch = -(-self.rank_len // block_size) if self.rank_len else 0
+        self._layouts: dict[int, _Layout] = {}
 
     def shard_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -109,14 +119,14 @@ class EpochPlan:
         rng = np.random.default_rng([self.seed, self.component, epoch, _TAG_SHARDS])
         return rng.permutation(len(self.counts))
 
-    def block(self, epoch: int, index: int) -> Block:
-        if not 0 <= index < self.blocks_per_epoch:
-            raise IndexError(f"block {index} out of range (epoch has {self.blocks_per_epoch})")
+    def layout(self, epoch: int) -> _Layout:
+        lay = self._layouts.get(epoch)
+        if lay is not None:
+            return lay
         order = self.shard_order(epoch)
-        ends = np.cumsum(self.counts[order])          # stream position after each shard, in epoch order
-        lo = self.rank_start + index * self.block_size
-        hi = self.rank_start + min(self.rank_len, (index + 1) * self.block_size)
-        segments = []
+        ends = np.cumsum(self.counts[order])
+        lo, hi = self.rank_start, self.rank_start + self.rank_len
+        segments, starts = [], []
         k = int(np.searchsorted(ends, lo, side="right"))
         pos = lo
         while pos < hi:
@@ -124,12 +134,37 @@ class EpochPlan:
             take_hi = min(hi, int(ends[k]))
             if take_hi > pos:
                 segments.append(Segment(int(order[k]), pos - shard_begin, take_hi - shard_begin))
+                starts.append(pos - lo)
             pos = take_hi
             k += 1
+        bounds, first_seg = [0], [0]
+        for i, seg in enumerate(segments):
+            end = starts[i] + seg.hi - seg.lo
+            if end - bounds[-1] >= self.block_size and end < self.rank_len:
+                bounds.append(end)
+                first_seg.append(i + 1)
+        bounds.append(self.rank_len)
+        first_seg.append(len(segments))
+        lay = _Layout(tuple(segments), np.asarray(starts + [self.rank_len], dtype=np.int64),
+                      np.asarray(bounds, dtype=np.int64), np.asarray(first_seg, dtype=np.int64))
+        if len(self._layouts) > 4:
+            self._layouts.pop(min(self._layouts))
+        self._layouts[epoch] = lay
+        return lay
+
+    def blocks_in(self, epoch: int) -> int:
+        return len(self.layout(epoch).bounds) - 1 if self.rank_len else 0
+
+    def block(self, epoch: int, index: int) -> Block:
+        lay = self.layout(epoch)
+        if not 0 <= index < len(lay.bounds) - 1:
+            raise IndexError(f"block {index} out of range (epoch {epoch} has {len(lay.bounds) - 1})")
+        segments = lay.segments[lay.seg_of_block[index]:lay.seg_of_block[index + 1]]
         stream_ids = np.concatenate([np.arange(s.lo, s.hi, dtype=np.int64) + self.offsets[s.shard] for s in segments])
-        n = hi - lo
+        n = len(stream_ids)
+        start = self.rank_start + int(lay.bounds[index])
         if self.shuffle:
-            perm = np.random.default_rng([self.seed, self.component, epoch, lo, _TAG_BLOCK]).permutation(n)
+            perm = np.random.default_rng([self.seed, self.component, epoch, start, _TAG_BLOCK]).permutation(n)
         else:
             perm = np.arange(n)
         sample_ids = stream_ids[perm]
@@ -142,7 +177,18 @@ class EpochPlan:
     def locate(self, consumed: int) -> tuple[int, int, int]:
         """(epoch, block, offset in block) of the rank's sample number `consumed` (counted over all epochs)."""
         epoch, pos = divmod(consumed, self.rank_len)
-        return epoch, pos // self.block_size, pos % self.block_size
+        bounds = self.layout(epoch).bounds
+        b = int(np.searchsorted(bounds, pos, side="right")) - 1
+        return epoch, b, pos - int(bounds[b])
+
+    def block_starts(self, consumed: np.ndarray) -> np.ndarray:
+        """For each count in `consumed`: is that sample the first of a block?"""
+        epochs, pos = np.divmod(consumed, self.rank_len)
+        out = np.zeros(len(consumed), dtype=bool)
+        for e in np.unique(epochs).tolist():
+            sel = epochs == e
+            out[sel] = np.isin(pos[sel], self.layout(int(e)).bounds[:-1])
+        return out
 
 
 @dataclass(frozen=True)
@@ -191,8 +237,7 @@ def schedule(plans: Sequence[EpochPlan], mixture: Mixture, position: int, consum
             if len(where) == 0:
                 continue
             c = counts[d] + np.arange(len(where), dtype=np.int64)
-            in_epoch = c % plan.rank_len
-            starts = (in_epoch % plan.block_size) == 0
+            starts = plan.block_starts(c)
             if not started[d]:
                 starts[0] = True
                 started[d] = True
