@@ -397,3 +397,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("argen tokenize: error:") and "no-vq" in err and len(err.splitlines()) == 1
     assert main(["tokenize", str(cfg), "output.samples_per_shrd=3"]) == 2
     assert "did you mean 'samples_per_shard'" in capsys.readouterr().err
+
+
+def test_caption_cleaning_and_t5_truncation(t5_dir):
+    from argen.model.text_encoder import T5TextEncoder, clean_caption
+
+    assert clean_caption("A RED Circle!!! see https://x.com/a.jpg @bob &amp; <b>more</b>") == "a red circle! see more"
+    assert clean_caption("“Quoted” — text 中文 192.168.0.1 IMG_1234.JPG") == '"quoted" - text'
+    assert clean_caption(None) == "" and clean_caption("   https://only.a/url ") == ""
+    enc = T5TextEncoder(t5_dir, dtype=torch.float16, max_length=120)
+    long, short = enc.encode(["a red dog " * 100, "a dog"])
+    assert long.shape == (120, 16) and long.dtype == torch.float16          # truncated to 120 tokens (EOS kept)
+    assert short.shape[0] == len(enc.tokenizer("a dog")["input_ids"]) < 120  # not padded

@@ -59,8 +59,11 @@ def _clean_once(text: str) -> str:
     text = _LONG_ID.sub("", text)
     text = _BAD_PUNCT.sub(" ", text)
     text = _REPEAT_PUNCT.sub(r"\1", text)
-    text = _SPACES.sub(" ", text)
-    return text.strip(" \t\n\"'-_.,;:")
+    text = _SPACES.sub(" ", text).strip()
+    # the reference's edge trimming: one leading ' _ , - : ; and one trailing ' _ , - : +
+    text = re.sub(r"^['_,\-:;]", "", text)
+    text = re.sub(r"['_,\-:+]$", "", text)
+    return text.strip()
 
 
 def clean_caption(text: str | None) -> str:
