@@ -164,3 +164,23 @@ def test_bf16_autocast_step_runs(tmp_path):
     assert result["step"] == 2 and result["loss_rec"] == result["loss_rec"]  # finite, not NaN
     vq = argen.model.load(result["export"])
     assert next(vq.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.timeout(240)
+def test_rfid_through_argen_eval(tmp_path):
+    import numpy as np
+    from argen.eval.inception import InceptionV3, save_inception
+    from argen.eval.npz import save_images
+    torch.manual_seed(0)
+    weights = save_inception(InceptionV3(width=1 / 8, input_size=75), tmp_path / "inception.safetensors")
+    ref = (fixed_batch(VQDataConfig(image_size=16), 6) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    save_images(tmp_path / "ref.npz", ref.permute(0, 2, 3, 1).numpy())
+    cfg = _cfg(tmp_path / "r", max_steps=1, ema=False, grid_every=100, ckpt_every=100, rfid_ref=str(tmp_path / "ref.npz"),
+               rfid_images=5, rfid_inception=str(weights))
+    result = train(cfg)
+    assert isinstance(result["rfid"], float) and np.isfinite(result["rfid"]) and result["rfid_images"] == 5
+    assert 0 < result["rfid_psnr"] < 100
+    assert (tmp_path / "r" / "rfid" / "recon-step-00000001.npz").is_file()
+    # without a reference set the status says so instead of a number
+    plain = train(_cfg(tmp_path / "p", max_steps=1, ema=False, grid_every=100, ckpt_every=100))
+    assert plain["rfid"].startswith("unavailable")

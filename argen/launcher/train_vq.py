@@ -79,6 +79,11 @@ class VQTrainSection:
     # Re-seed codebook entries unused for this many steps with encoder outputs of the current batch (0 = off,
     # as the reference). Not needed at the reference's scale; it rescues short runs from codebook collapse.
     codebook_restart_every: int = 0
+    # rFID at the end of training through argen.eval (paired scoring): reconstructions of the images in this .npz
+    # (arr_0, N x H x W x 3 uint8, e.g. ImageNet val center-crop 256 for the paper's protocol) against themselves.
+    rfid_ref: str = ""
+    rfid_images: int = 0        # 0 = every image of rfid_ref
+    rfid_inception: str = ""    # Inception weight file; "" = argen.eval's default location
 
     def validate(self) -> None:
         if self.global_batch_size < 1 or self.max_steps < 1:
@@ -333,13 +338,41 @@ def _reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, fl
     return dict(zip(keys, t.tolist()))
 
 
-def _rfid_status() -> str:
-    # rFID needs Inception features and a reference set from argen.eval; never a stand-in number
-    try:
-        import argen.eval.inception  # noqa: F401
-    except ImportError:
-        return "unavailable (argen.eval Inception features not installed)"
-    return "not computed here: run `argen eval` on the export against a named reference set"
+def compute_rfid(tr: Trainer) -> dict:
+    """rFID (+ PSNR/SSIM) of the (EMA) model on `train.rfid_ref` via argen.eval's paired scoring; never a stand-in."""
+    t = tr.cfg.train
+    if not t.rfid_ref:
+        return {"rfid": "unavailable (set train.rfid_ref to an .npz of reference images)"}
+    import numpy as np
+    from argen.eval.npz import NpzImages, save_images
+    from argen.eval.score import score
+    from argen.launcher.vq_metrics import to_uint8
+    ref = NpzImages(t.rfid_ref)
+    n = min(len(ref), t.rfid_images) if t.rfid_images else len(ref)
+    f = tr.model.downsample
+    if ref.shape[1] % f or ref.shape[2] % f:
+        raise ArgenError(f"train.rfid_ref: image size {ref.shape[1:3]} is not a multiple of the downsample factor {f}")
+    out_dir = tr.run_dir / "rfid"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    originals, recons, done = [], [], 0
+    for batch in tqdm(ref.batches(32), total=-(-n // 32), desc="rFID reconstructions"):
+        batch = batch[: n - done]
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(tr.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        recons.append(to_uint8(tr.reconstruct(x)).permute(0, 2, 3, 1).cpu().numpy())
+        originals.append(batch)
+        done += len(batch)
+        if done >= n:
+            break
+    ref_path = t.rfid_ref
+    if n < len(ref):  # paired scoring needs the same images in the same order on both sides
+        ref_path = str(out_dir / f"reference-first-{n}.npz")
+        save_images(ref_path, np.concatenate(originals))
+    recon_path = out_dir / f"recon-step-{tr.step:08d}.npz"
+    save_images(recon_path, np.concatenate(recons))
+    res = score(recon_path, ref_path, inception=t.rfid_inception or None, device=tr.device, paired=True)
+    metrics = res["metrics"]
+    keep = {k: float(metrics[k]) for k in ("rfid", "psnr", "ssim") if k in metrics}
+    return {**keep, "rfid_reference": t.rfid_ref, "rfid_images": n}
 
 
 def train(cfg: VQTrainConfig) -> dict:
@@ -417,14 +450,17 @@ def train(cfg: VQTrainConfig) -> dict:
         if main:
             xr = tr.reconstruct(eval_x)
             final = {"step": tr.step, "eval_psnr": float(psnr(eval_x, xr).mean()),
-                     "eval_ssim": float(ssim(eval_x, xr).mean()), "rfid": _rfid_status(), "final": True}
+                     "eval_ssim": float(ssim(eval_x, xr).mean()), "final": True}
+            final.update({k if k == "rfid" or k.startswith("rfid") else f"rfid_{k}": v
+                          for k, v in compute_rfid(tr).items()})
             record(final)
             result.update(final)
             _grid([eval_x, xr], run_dir / "grids" / f"step-{tr.step:08d}.png")
             if initial is not None:
                 _grid([eval_x, initial, xr], run_dir / "grids" / "before-after.png")
+            rfid = final["rfid"] if isinstance(final["rfid"], str) else f"{final['rfid']:.3f}"
             print(f"[train_vq] done: step {tr.step}, eval PSNR {final['eval_psnr']:.2f} dB, "
-                  f"SSIM {final['eval_ssim']:.3f}, rFID {final['rfid']}; export {export}", flush=True)
+                  f"SSIM {final['eval_ssim']:.3f}, rFID {rfid}; export {export}", flush=True)
     if metrics is not None:
         metrics.close()
     if wb is not None:
