@@ -317,16 +317,17 @@ def test_sigterm_releases_the_claim(tmp_path):
     import sys
     run = tmp_path / "run"
     fake_export(run, 9)
+    started = tmp_path / "started"
     script = (
-        "import time, argen.eval.watch as w\n"
-        "w.evaluate_export = lambda *a, **k: time.sleep(60)\n"
+        "import pathlib, time, argen.eval.watch as w\n"
+        f"w.evaluate_export = lambda *a, **k: pathlib.Path({str(started)!r}).touch() or time.sleep(60)\n"
         f"w.watch(w.WatchOptions(run_dir={str(run)!r}, wandb='off'), once=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
     lock = run / "eval" / "locks" / "default" / "step-00000009.lock.0"
     deadline = time.time() + 90
-    while not lock.exists() and time.time() < deadline:
+    while not started.exists() and time.time() < deadline:
         time.sleep(0.2)
-    assert lock.exists(), "the watcher never claimed the export"
+    assert lock.exists() and started.exists(), "the watcher never started evaluating the export"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
     info = json.loads(lock.read_text())

@@ -231,10 +231,15 @@ class Records:
             self.store.create_exclusive(path, body)
         except ExistsError:
             return None
-        if self.has_result(tag):  # finished by a watcher that held the previous claim
-            self.store.replace(path, json.dumps({"owner": owner, "gen": gen, "state": "done"}).encode())
-            return None
-        return Claim(self.store, path, gen, owner, heartbeat_s=max(self.lock_ttl / 6, 0.05))
+        try:
+            if self.has_result(tag):  # finished by a watcher that held the previous claim
+                self.store.replace(path, json.dumps({"owner": owner, "gen": gen, "state": "done"}).encode())
+                return None
+            return Claim(self.store, path, gen, owner, heartbeat_s=max(self.lock_ttl / 6, 0.05))
+        except BaseException as e:  # e.g. SIGTERM right after the claim was created: do not leave it to go stale
+            self.store.replace(path, json.dumps({"owner": owner, "gen": gen, "state": "interrupted",
+                                                 "error": f"{type(e).__name__}: {e}"}).encode())
+            raise
 
     def write_result(self, tag: str, record: dict) -> bool:
         """Store the record unless another watcher already did; True if ours is the one kept."""

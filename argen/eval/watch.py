@@ -184,9 +184,9 @@ def watch_once(opts: WatchOptions, *, evaluate: Callable | None = None,
                 if state == "gave-up" and not records.has_result(export.tag):
                     log(f"{export.tag}: gave up after {opts.max_attempts} failed attempts (see eval/locks/)")
                 continue
-            log(f"{export.tag}: evaluating (claim {claim.gen})")
             start = time.time()
             try:
+                log(f"{export.tag}: evaluating (claim {claim.gen})")
                 local = _local_copy(store, export, work)
                 try:
                     body = evaluate(local, opts, work, export.tag)
