@@ -185,13 +185,13 @@ def test_heartbeat_keeps_a_long_claim_alive(tmp_path):
     run = tmp_path / "run"
     fake_export(run, 7)
     store = Store(str(run))
-    holder = Records(store, lock_ttl=0.6)
+    holder = Records(store, lock_ttl=2.0)
     claim = holder.try_claim("step-00000007")
     assert claim is not None
-    time.sleep(1.0)  # longer than the TTL: only the heartbeat keeps it fresh
-    assert Records(store, lock_ttl=0.6).try_claim("step-00000007") is None
+    time.sleep(3.0)  # longer than the TTL: only the heartbeat keeps it fresh
+    assert Records(store, lock_ttl=2.0).try_claim("step-00000007") is None
     claim.release("failed", error="test")
-    assert Records(store, lock_ttl=0.6).try_claim("step-00000007") is not None
+    assert Records(store, lock_ttl=2.0).try_claim("step-00000007") is not None
 
 
 def test_rebuild_jsonl_converges_under_concurrent_writers(tmp_path):
