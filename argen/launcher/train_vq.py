@@ -106,7 +106,10 @@ class VQTrainConfig:
     def validate(self) -> None:
         if self.kind != "vq":
             raise ValueError(f"kind must be 'vq' for the tokenizer trainer, got '{self.kind}'")
-        self.model.build_config(self.data.image_size)  # unknown names / bad sizes fail at load
+        try:
+            self.model.build_config(self.data.image_size)  # unknown names / bad sizes fail at load
+        except (ArgenError, ValueError) as e:
+            raise ValueError(f"model.name={self.model.name} with data.image_size={self.data.image_size}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
