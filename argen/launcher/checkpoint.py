@@ -90,7 +90,9 @@ def _ds_opt(par):
 
 
 def _has_zero_mapping(p) -> bool:
-    return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+    # a ZeRO-1/2 parameter whose fragment lives on another rank has _hp_mapping None but still takes part in
+    # the gathering collective
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def local_full_state(par) -> dict[str, torch.Tensor]:
@@ -99,6 +101,7 @@ def local_full_state(par) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: F401 (lazy)
     out: dict[str, torch.Tensor] = {}
     base_opt = par.optimizer if par.engine is None else _ds_opt(par)
+    _relink(par)
     for name, p in par.local_named_params():
         if par.engine is not None and _has_zero_mapping(p):
             from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -209,6 +212,15 @@ def load_weights_into(model: torch.nn.Module, params: dict[str, torch.Tensor], s
 # ---------------------------------------------------------------------------------------------------------------
 # re-shard optimizer moments into the optimizer the current layout built
 
+def _relink(par) -> None:
+    """(Re)point DeepSpeed's per-parameter fragments at the optimizer's current flat state tensors."""
+    opt = _ds_opt(par)
+    if opt is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        if hasattr(opt, "_hp_optimizer_states_linked"):
+            opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def _materialize_optimizer_state(par, step: int) -> None:
     """Create empty AdamW state (moments 0, `step` taken) for every parameter the optimizer updates, and let
     DeepSpeed link its per-parameter fragments, so the moments can then be written per parameter."""
@@ -227,10 +239,7 @@ def _materialize_optimizer_state(par, step: int) -> None:
         st["step"] = torch.tensor(float(step), dtype=torch.float32, device=f.device if fused else "cpu")
         st["exp_avg"] = torch.zeros_like(f, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(f, memory_format=torch.preserve_format)
-    if par.engine is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        if hasattr(opt, "_hp_optimizer_states_linked"):
-            opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
+    _relink(par)
 
 
 def restore_optimizer(par, params: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]],

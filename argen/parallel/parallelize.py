@@ -237,7 +237,10 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
     coords = layout.coords(rank)
     param_names = {id(p): n for n, p in model.named_parameters()}
     use_ds = force_deepspeed or not layout.is_single
-    # 2. topology
+    # 2. topology (DeepSpeed's communication layer wraps the existing process group)
+    if use_ds:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=dev.dist_backend(), auto_mpi_discovery=False)
     mpu = None
     if layout.tp > 1 or layout.pp > 1:
         init_model_parallel(layout)
@@ -261,6 +264,7 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
     if layout.pp > 1:
         from argen.parallel.pipeline import build_pipeline
         module = build_pipeline(model, layout, _pipe_loss(layout.tp))
+        _mark_stage_params_for_grad_norm(module, coords)
     # 7. optimizer + schedule
     local = [(param_names[id(p)], p) for p in module.parameters() if id(p) in param_names]
     optimizer = make_optimizer(param_groups(local, ocfg.weight_decay), ocfg, device)
@@ -270,9 +274,6 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
         return Parallelized(layout, model, module, optimizer, scheduler, None, device, precision, ocfg.grad_clip,
                             accum, param_names, loss_fn)
     # 8. DeepSpeed engine (ZeRO 0/1/2/3, bf16, clipping, accumulation)
-    import deepspeed
-    if not dist.is_initialized():  # a forced single-process DeepSpeed run
-        deepspeed.init_distributed(dist_backend=dev.dist_backend(), auto_mpi_discovery=False)
     cfg = deepspeed_config(layout, micro_batch, accum, ocfg.grad_clip, precision)
     from deepspeed.utils import groups as ds_groups
     ds_groups.mpu = mpu if layout.pp == 1 else None  # DeepSpeed keeps the last engine's mpu in a global
@@ -285,6 +286,18 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
     return Parallelized(layout, model, engine.module, ds_opt, ds_sched,
                         engine, device, precision, ocfg.grad_clip, accum, param_names, loss_fn,
                         coords["tp"], coords["pp"], coords["dp"], dp_group)
+
+
+def _mark_stage_params_for_grad_norm(module: nn.Module, coords: dict) -> None:
+    """DeepSpeed's ZeRO/fp32 grad norm counts a parameter when it is model-parallel or when the rank's *model-parallel*
+    rank is 0 -- under a pipeline that rank spans pipe x tensor, so replicated weights of later stages would never
+    count and clipping would use too small a norm. Mark them model-parallel on tensor rank 0 of stages > 0: each
+    replicated weight is then counted exactly once per stage, TP shards on every TP rank."""
+    if coords["pp"] == 0 or coords["tp"] != 0:
+        return
+    for p in module.parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            p.model_parallel = True
 
 
 def _rename_after_swap(model: nn.Module, old: dict[int, str]) -> dict[int, str]:

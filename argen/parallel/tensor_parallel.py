@@ -103,21 +103,27 @@ def apply_tensor_parallel(model: nn.Module, tp: int, tp_rank: int) -> nn.Module:
     mpc = MPConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True, perform_initialization=False,
                    params_dtype=dtype)
 
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    def fill(new: nn.Module, name: str, full: torch.Tensor) -> nn.Module:
+        new.weight.data.copy_(shard(name, full, tp, tp_rank))
+        # megatron marks TP weights only when it initialises them itself; DeepSpeed's grad-norm needs the mark to
+        # count a TP shard on every rank (replicated weights count once)
+        set_tensor_model_parallel_attributes(new.weight, True, shard_rule(name)[0], 1)
+        return new
+
     def col(lin: nn.Linear, name: str) -> nn.Module:
         new = Col(lin.in_features, lin.out_features, config=mpc, init_method=_noinit, bias=False, gather_output=False)
-        new.weight.data.copy_(shard(name, lin.weight.data, tp, tp_rank))
-        return new
+        return fill(new, name, lin.weight.data)
 
     def row(lin: nn.Linear, name: str) -> nn.Module:
         new = Row(lin.in_features, lin.out_features, config=mpc, init_method=_noinit, bias=False,
                   input_is_parallel=True, skip_bias_add=False)
-        new.weight.data.copy_(shard(name, lin.weight.data, tp, tp_rank))
-        return new
+        return fill(new, name, lin.weight.data)
 
     emb = model.tok_embeddings
     new_emb = VocabEmb(emb.num_embeddings, emb.embedding_dim, init_method=_noinit, config=mpc)
-    new_emb.weight.data.copy_(shard("tok_embeddings.weight", emb.weight.data, tp, tp_rank))
-    model.tok_embeddings = new_emb
+    model.tok_embeddings = fill(new_emb, "tok_embeddings.weight", emb.weight.data)
     for i, layer in enumerate(model.layers):
         att, ffn = layer.attention, layer.feed_forward
         att.wqkv = col(att.wqkv, "attention.wqkv.weight")
