@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--crop-ranges", type=float, nargs="+", default=[1.1, 1.05])
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--crops-per-forward", type=int, default=80)
+    ap.add_argument("--crops-per-forward", type=int, default=0, help="0: argen's auto choice (20 on CPU)")
     ap.add_argument("--repeats", type=int, default=2, help="alternate baseline/argen this many times; best of each")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()

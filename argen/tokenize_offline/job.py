@@ -347,6 +347,7 @@ class TokenizeJob:
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.images_per_batch, shuffle=False,
                                              num_workers=workers if items else 0, collate_fn=_collate)
         dtype = torch.bfloat16 if cfg.vq.dtype == "bfloat16" else None
+        per_forward = cfg.vq.crops_per_forward or (512 if dev.is_accelerator(device) else 20)
         info = None
         with sf.ShardWriter(self.prefix, j, compression=cfg.output.compression) as writer:
             for batch in loader:
@@ -359,7 +360,7 @@ class TokenizeJob:
                         for c in r["conv"]:
                             converted[c] = converted.get(c, 0) + 1
                 if ok:
-                    codes = encode_crops(vq, [r["crops"] for r in ok], cfg.vq.crops_per_forward, device, dtype)
+                    codes = encode_crops(vq, [r["crops"] for r in ok], per_forward, device, dtype)
                     feats = t5_features(t5, [r["caption"] for r in ok], cfg.text.batch_size) if t5 else [None] * len(ok)
                     for r, c, f in zip(ok, codes, feats):
                         writer.write(sf.encode_sample(r["key"], c, label=r["label"], caption=r["caption"], t5=f,
