@@ -1,6 +1,7 @@
 """Loader throughput: the reference's one-.npy-per-sample layout vs argen's shard loader (local disk and S3).
 
-    .venv/bin/python benchmarks/loader_throughput.py [--samples 6000] [--batch 64] [--workers 2] [--no-s3] [--no-gpt]
+    .venv/bin/python benchmarks/loader_throughput.py [--samples 5000] [--batch 64] [--workers 2] [--seconds 10]
+        [--compression gzip|none] [--no-s3] [--no-gpt]
 
 Prints, from one run on the same synthetic codes (256 px ten-crop: 10 augmentations x 256 tokens per sample):
 - reference: LlamaGen's layout (`{i}.npy` int64 (1, 10, 256) + `{i}.npy` label per sample, llamagen.md 5.1) through
@@ -82,26 +83,41 @@ def write_data(root: str, n: int, s3_prefix: str | None, compression: str) -> tu
     return root, shards_local
 
 
-def bench_reference(root: str, n: int, batch: int, workers: int) -> float:
+def timed(batches, seconds: float, batch: int) -> tuple[float, float]:
+    """(seconds to the first batch, samples/s after it, over at least `seconds`)."""
+    t0 = time.perf_counter()
+    next(batches)
+    t1 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t1 < seconds:
+        for _ in range(10):
+            next(batches)
+        n += 10
+    return t1 - t0, n * batch / (time.perf_counter() - t1)
+
+
+def bench_reference(root: str, n: int, batch: int, workers: int, seconds: float) -> tuple[float, float]:
     ds = ReferenceCodes(os.path.join(root, "imagenet256_codes_flip"), os.path.join(root, "imagenet256_labels"), n)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                     persistent_workers=False)
-    t0 = time.perf_counter()
-    seen = 0
-    for x, y in dl:
-        seen += x.shape[0]
-    return seen / (time.perf_counter() - t0)
+                                     persistent_workers=True)
+
+    def forever():
+        while True:
+            yield from dl
+
+    gen = forever()
+    out = timed(gen, seconds, batch)
+    gen.close()
+    del dl
+    return out
 
 
-def bench_argen(url: str, n: int, batch: int, workers: int) -> float:
-    loader = build_loader(DataConfig(url=url, num_workers=workers, shuffle_buffer=2048, prefetch_blocks=2),
+def bench_argen(url: str, batch: int, workers: int, seconds: float) -> tuple[float, float]:
+    loader = build_loader(DataConfig(url=url, num_workers=workers, shuffle_buffer=1024, prefetch_blocks=2),
                           0, 1, batch)
-    t0 = time.perf_counter()
-    for _ in range(n // batch):
-        next(loader)
-    rate = (n // batch) * batch / (time.perf_counter() - t0)
+    out = timed(loader, seconds, batch)
     loader.close()
-    return rate
+    return out
 
 
 def gpt_b_wait(url: str, batch: int, workers: int, steps: int) -> tuple[float, float]:
@@ -132,9 +148,10 @@ def gpt_b_wait(url: str, batch: int, workers: int, steps: int) -> tuple[float, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=6000)
+    ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=10.0, help="steady-state time measured per loader")
     ap.add_argument("--compression", choices=sf.COMPRESSIONS, default="gzip",
                     help="shard compression (gzip is the tokenizer default; codes compress poorly)")
     ap.add_argument("--no-s3", action="store_true")
@@ -163,14 +180,15 @@ def main() -> None:
         print(f"data: {args.samples} samples of ({N_AUG}, {TOKENS}) codes, written in {time.perf_counter() - t0:.1f}s;"
               f" {args.compression} shards of {PER_SHARD}; batch {args.batch}, {args.workers} workers, "
               f"{os.cpu_count()} CPUs")
-        ref = bench_reference(root, args.samples, args.batch, args.workers)
-        print(f"reference (.npy per sample, map-style Dataset): {ref:10.0f} samples/s")
-        loc = bench_argen(shards, args.samples, args.batch, args.workers)
-        print(f"argen loader, local shards:                     {loc:10.0f} samples/s   {loc / ref:6.1f}x reference")
+        ref_first, ref = bench_reference(root, args.samples, args.batch, args.workers, args.seconds)
+        print(f"reference (.npy per sample, map-style Dataset): {ref:8.0f} samples/s   first batch {ref_first:5.2f}s")
+        loc_first, loc = bench_argen(shards, args.batch, args.workers, args.seconds)
+        print(f"argen loader, local shards:                     {loc:8.0f} samples/s   first batch {loc_first:5.2f}s"
+              f"   {loc / ref:5.1f}x reference")
         if s3_prefix:
-            s3 = bench_argen(s3_prefix, args.samples, args.batch, args.workers)
-            print(f"argen loader, S3 shards:                        {s3:10.0f} samples/s   {s3 / ref:6.1f}x reference,"
-                  f" local/S3 = {loc / s3:.2f}")
+            s3_first, s3 = bench_argen(s3_prefix, args.batch, args.workers, args.seconds)
+            print(f"argen loader, S3 shards:                        {s3:8.0f} samples/s   first batch {s3_first:5.2f}s"
+                  f"   {s3 / ref:5.1f}x reference, local/S3 = {loc / s3:.2f}")
         if not args.no_gpt:
             step_s, wait = gpt_b_wait(shards, args.gpt_batch, args.workers, args.gpt_steps)
             print(f"GPT-B c2i 256px training step on this CPU (batch {args.gpt_batch}): {step_s:.2f} s/step, "

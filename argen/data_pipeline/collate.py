@@ -7,30 +7,27 @@ import numpy as np
 import torch
 
 
-def _take(items: Sequence[dict[str, Any]], rows: Sequence[tuple[int, int]], key: str) -> torch.Tensor:
-    """Rows (item number, row) of column `key`, in the given order.
-
-    Gathers run in numpy on views of the tensors: torch's advanced indexing on CPU measured ~30 ms for a
-    (512, 256) gather on the shared 2-core machine, numpy 5 us.
-    """
-    by_item: dict[int, list[int]] = {}
-    slots: dict[int, list[int]] = {}
-    for slot, (i, r) in enumerate(rows):
-        by_item.setdefault(i, []).append(r)
-        slots.setdefault(i, []).append(slot)
-    if len(by_item) == 1:
-        (i, rs), = by_item.items()
-        return torch.from_numpy(items[i][key].numpy()[np.asarray(rs)])
-    first = items[next(iter(by_item))][key]
-    out = np.empty((len(rows),) + tuple(first.shape[1:]), dtype=first.numpy().dtype)
-    for i, rs in by_item.items():
-        out[np.asarray(slots[i])] = items[i][key].numpy()[np.asarray(rs)]
-    return torch.from_numpy(out)
+Piece = tuple[int, np.ndarray, np.ndarray]   # (index into items, rows of that item, batch slots they fill)
 
 
-def collate(items: Sequence[dict[str, Any]], rows: Sequence[tuple[int, int]], task: str,
+def _take(items: Sequence[dict[str, Any]], pieces: Sequence[Piece], key: str, size: int) -> np.ndarray:
+    """Column `key` of the batch: rows gathered from the items into their slots (numpy: torch's CPU advanced
+    indexing measured ~30 ms for a (512, 256) gather on the shared 2-core machine, numpy 5 us)."""
+    first = items[pieces[0][0]][key].numpy()
+    if len(pieces) == 1:
+        k, rows, slots = pieces[0]
+        if rows[-1] - rows[0] + 1 == len(rows):
+            return first[rows[0]:rows[-1] + 1]
+        return first[rows]
+    out = np.empty((size,) + first.shape[1:], dtype=first.dtype)
+    for k, rows, slots in pieces:
+        out[slots] = items[k][key].numpy()[rows]
+    return out
+
+
+def collate(items: Sequence[dict[str, Any]], pieces: Sequence[Piece], size: int, task: str,
             caption_slots: int = 120, caption_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A batch from `rows` = [(index into items, row in that item), ...] in batch order.
+    """A batch of `size` rows; `pieces` say which rows of which item go to which batch slots.
 
     c2i: codes long (B, N), labels long (B,).
     t2i: codes long (B, N), caption_embs (B, caption_slots, D) with each caption's first min(L, slots) tokens
@@ -38,34 +35,36 @@ def collate(items: Sequence[dict[str, Any]], rows: Sequence[tuple[int, int]], ta
     caption tokens, valid bool (B,) false for samples without caption features (zero weight in the loss).
     Both: sample_id long (B,) (data set index << 48 | sample index in the data set), epoch long (B,), aug long (B,).
     """
+    epoch = np.empty(size, dtype=np.int64)
+    comp = np.empty(size, dtype=np.int64)
+    for k, rows, slots in pieces:
+        epoch[slots] = items[k]["epoch"]
+        comp[slots] = items[k]["component"]
     batch = {
-        "codes": torch.from_numpy(_take(items, rows, "codes").numpy().astype(np.int64)),
-        "sample_id": _take(items, rows, "sample_id"),
-        "aug": _take(items, rows, "aug"),
-        "epoch": torch.as_tensor([items[i]["epoch"] for i, _ in rows], dtype=torch.long),
+        "codes": torch.from_numpy(_take(items, pieces, "codes", size).astype(np.int64)),
+        "sample_id": torch.from_numpy(_take(items, pieces, "sample_id", size) | (comp << 48)),
+        "aug": torch.from_numpy(np.array(_take(items, pieces, "aug", size))),
+        "epoch": torch.from_numpy(epoch),
     }
-    comp = torch.as_tensor([items[i]["component"] for i, _ in rows], dtype=torch.long)
-    batch["sample_id"] = batch["sample_id"] | (comp << 48)
     if task == "c2i":
-        batch["labels"] = _take(items, rows, "labels")
+        batch["labels"] = torch.from_numpy(np.array(_take(items, pieces, "labels", size)))
         return batch
-    dim = max(int(items[i]["feats"].shape[1]) for i, _ in rows)
-    embs = torch.zeros((len(rows), caption_slots, dim), dtype=caption_dtype)
-    mask = torch.zeros((len(rows), caption_slots), dtype=torch.bool)
-    valid = torch.zeros(len(rows), dtype=torch.bool)
-    starts: dict[int, torch.Tensor] = {}
-    for b, (i, r) in enumerate(rows):
-        item = items[i]
-        if i not in starts:
-            lens = item["feat_lens"].long()
-            starts[i] = torch.cumsum(lens, 0) - lens
-        n = int(item["feat_lens"][r])
-        if n == 0:
-            continue
-        s = int(starts[i][r])
-        keep = min(n, caption_slots)
-        embs[b, caption_slots - keep:] = item["feats"][s:s + keep].to(caption_dtype)
-        mask[b, caption_slots - keep:] = True
-        valid[b] = True
+    dim = max(int(items[k]["feats"].shape[1]) for k, _, _ in pieces)
+    embs = torch.zeros((size, caption_slots, dim), dtype=caption_dtype)
+    mask = torch.zeros((size, caption_slots), dtype=torch.bool)
+    valid = torch.zeros(size, dtype=torch.bool)
+    for k, rows, slots in pieces:
+        item = items[k]
+        lens = item["feat_lens"].numpy().astype(np.int64)
+        starts = np.cumsum(lens) - lens
+        for r, b in zip(rows.tolist(), slots.tolist()):
+            n = int(lens[r])
+            if n == 0:
+                continue
+            s = int(starts[r])
+            keep = min(n, caption_slots)
+            embs[b, caption_slots - keep:] = item["feats"][s:s + keep].to(caption_dtype)
+            mask[b, caption_slots - keep:] = True
+            valid[b] = True
     batch.update(caption_embs=embs, caption_mask=mask, valid=valid)
     return batch

@@ -295,6 +295,7 @@ class ShardLoader:
                               self.cfg.retry, self.task)
         self._current = [None] * len(self.sources)
         self._cursor = [0] * len(self.sources)
+        self._stash = [collections.deque() for _ in self.sources]
         if self.cfg.num_workers > 0:
             self._dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                                                    prefetch_factor=self.cfg.prefetch_blocks,
@@ -317,16 +318,22 @@ class ShardLoader:
             pass
 
     def _next_block(self, d: int) -> dict[str, Any]:
-        item = next(self._it)
-        if "error" in item:
-            self.close()
-            raise ArgenError(item["error"])
+        # Blocks arrive in order of first need; a batch is assembled one data set at a time, so blocks of the
+        # other data sets that arrive first wait here (at most a few per data set).
+        while not self._stash[d]:
+            item = next(self._it)
+            if "error" in item:
+                self.close()
+                raise ArgenError(item["error"])
+            self._stash[item["component"]].append(item)
+        item = self._stash[d].popleft()
         e, b, off = self.plans[d].locate(self.consumed[d])
         if (item["component"], item["epoch"], item["block"], item["offset"]) != (d, e, b, off):
             raise RuntimeError(f"loader schedule out of step: expected block {(d, e, b, off)}, got "
                                f"{(item['component'], item['epoch'], item['block'], item['offset'])}")
         self._account(item["events"])
-        item["present_list"] = item["present"].tolist()   # per-row checks on a list, not tensor indexing
+        item["present_np"] = item["present"].numpy()
+        item["n"] = len(item["present_np"])
         return item
 
     def _account(self, ev: ReadEvents) -> None:
@@ -362,27 +369,46 @@ class ShardLoader:
             self._start()
         items: list[dict[str, Any]] = []
         ids: dict[int, int] = {}
-        rows: list[tuple[int, int]] = []
-        while len(rows) < self.batch_size:
-            choices = self.mixture.choices(self.position, self.batch_size - len(rows))
-            for d in choices.tolist():
-                item = self._current[d]
-                if item is None or self._cursor[d] >= len(item["present_list"]):
-                    item = self._current[d] = self._next_block(d)
-                    self._cursor[d] = 0
-                r = self._cursor[d]
-                self._cursor[d] += 1
-                self.consumed[d] += 1
-                self.position += 1
-                if item["present_list"][r]:
-                    k = ids.get(id(item))
-                    if k is None:
-                        k = ids[id(item)] = len(items)
-                        items.append(item)
-                    rows.append((k, r))
-                else:
-                    self._totals["skipped_samples"] += 1
-        batch = collate(items, rows, self.task, self.cfg.caption_slots, self.caption_dtype)
+        pieces: list[tuple[int, np.ndarray, np.ndarray]] = []
+        filled = 0
+        while filled < self.batch_size:
+            need = self.batch_size - filled
+            choices = self.mixture.choices(self.position, need)
+            chunk: list[tuple[np.ndarray, int, np.ndarray]] = []    # (positions in chunk, item, rows), present only
+            for d in range(len(self.sources)):
+                where = np.flatnonzero(choices == d) if len(self.sources) > 1 else np.arange(need)
+                taken = 0
+                while taken < len(where):
+                    item = self._current[d]
+                    if item is None or self._cursor[d] >= item["n"]:
+                        item = self._current[d] = self._next_block(d)
+                        self._cursor[d] = 0
+                    cur = self._cursor[d]
+                    m = min(len(where) - taken, item["n"] - cur)
+                    rows, pos = np.arange(cur, cur + m), where[taken:taken + m]
+                    present = item["present_np"][cur:cur + m]
+                    if not present.all():                     # skipped (corrupt) samples: the next ones move up
+                        self._totals["skipped_samples"] += int((~present).sum())
+                        rows, pos = rows[present], pos[present]
+                    if len(rows):
+                        k = ids.setdefault(id(item), len(items))
+                        if k == len(items):
+                            items.append(item)
+                        chunk.append((pos, k, rows))
+                    self._cursor[d] += m
+                    self.consumed[d] += m
+                    taken += m
+            self.position += need
+            if chunk:  # batch slots follow the output positions, whatever data set each came from
+                allpos = np.concatenate([c[0] for c in chunk])
+                rank = np.empty(len(allpos), dtype=np.int64)
+                rank[np.argsort(allpos, kind="stable")] = np.arange(len(allpos))
+                off = 0
+                for pos, k, rows in chunk:
+                    pieces.append((k, rows, filled + rank[off:off + len(pos)]))
+                    off += len(pos)
+                filled += len(allpos)
+        batch = collate(items, pieces, self.batch_size, self.task, self.cfg.caption_slots, self.caption_dtype)
         waited = time.perf_counter() - t0
         self._totals["wait_s"] += waited
         self._totals["samples"] += self.batch_size
