@@ -82,6 +82,12 @@ class SyntheticCodes:
     def state_dict(self) -> dict:
         return {"samples": self.k * self.micro * self.dp}
 
+    def global_state_dict(self) -> dict:
+        return self.state_dict()
+
+    def close(self) -> None:
+        pass
+
     def load_state_dict(self, state: dict) -> None:
         per = self.micro * self.dp
         if state["samples"] % per:
@@ -109,10 +115,10 @@ class ShardBatches:
         for key in ("labels", "label", "cls"):
             if key in b:
                 out["cond"] = torch.as_tensor(b[key]).long()
-        for key in ("caption", "captions", "t5", "caption_features", "t5_features", "features"):
+        for key in ("caption_embs", "caption", "t5", "caption_features"):
             if key in b:
                 out["cond"] = b[key].float()
-        for key in ("caption_mask", "cond_mask", "mask", "t5_mask", "emb_mask"):
+        for key in ("caption_mask", "cond_mask"):
             if key in b:
                 out["cond_mask"] = b[key].bool()
         if "valid" in b:
@@ -124,12 +130,19 @@ class ShardBatches:
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 
+    def global_state_dict(self) -> dict:
+        """Every data-parallel rank's position (a collective when dp > 1)."""
+        return self.inner.global_state_dict()
+
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
         self.it = iter(self.inner)
 
     def stats(self) -> dict:
-        return self.inner.stats() if hasattr(self.inner, "stats") else {}
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def make_loader(cfg: TrainConfig, gcfg: GPTConfig, dp_rank: int, dp: int, micro: int):
@@ -139,7 +152,9 @@ def make_loader(cfg: TrainConfig, gcfg: GPTConfig, dp_rank: int, dp: int, micro:
         from argen.data_pipeline.loader import DataConfig, build_loader
     except ImportError as e:
         raise ArgenError(f"data.url: reading shards needs argen.data_pipeline.loader ({e})") from None
-    dcfg = DataConfig(url=cfg.data.url, **cfg.data.options)
+    from argen.config import load_config
+    dcfg = load_config(DataConfig, data={"url": cfg.data.url, "task": gcfg.model_type, "seed": cfg.train.seed,
+                                         "caption_slots": gcfg.cls_token_num, **cfg.data.options})
     return ShardBatches(build_loader(dcfg, dp_rank, dp, micro))
 
 
@@ -320,13 +335,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             logger.info(f"stop requested ({preemption.reason()}): checkpoint saved at step {step}, exiting")
             break
     logger.close()
+    loader.close()
     return {"losses": losses, "step": step, "run_dir": str(run_dir), "stopped": stopped}
 
 
 def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict, ema, is_main: bool,
                     rank: int) -> Path:
     run_dir = Path(cfg.run_dir)
-    trainer_state = {"step": step, "samples_seen": step * cfg.train.global_batch, "data": loader.state_dict(),
+    trainer_state = {"step": step, "samples_seen": step * cfg.train.global_batch, "data": loader.global_state_dict(),
                      "scheduler": {"last_epoch": step}}
     rank_state = {"rng": dev.rng_state(), "data": loader.state_dict()}
     path = ckpt_io.save(run_dir, step, par, trainer_state, rank_state, layout_info, keep=cfg.train.keep_checkpoints)
