@@ -2,7 +2,7 @@
 
 Layout. The cache holds `max_batch` *slots*; a slot is one image being generated and owns the two adjacent cache
 rows 2s (conditional) and 2s+1 (unconditional). The uncond row of an image is therefore always its own, whatever
-order requests arrive or finish in: CFG reads logits.view(slots, 2, V), never "the second half of the batch"
+order requests arrive or finish in: CFG reads a (slots, 2, ...) view of the batch, never "the second half of the batch"
 (the reference's vLLM fork pairs rows by request order, llamagen.md §4).
 
 Loop (one worker thread owns the model and the cache):
@@ -118,7 +118,8 @@ class _Decoder(torch.nn.Module):
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
     def prefill(self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Prefix embeddings x (r, T, dim) for cache rows `rows` (r,) -> last-position logits (r, V)."""
+        """Prefix embeddings x (r, T, dim) for cache rows `rows` (r,) -> last position's normed hidden (r, dim)
+        (the head runs in Engine._sample, which decides per request how many rows need it)."""
         m = self.model
         B, S, _ = x.shape
         rope = m.rope[:S]
@@ -134,7 +135,7 @@ class _Decoder(torch.nn.Module):
             y = attention(q, k, v, mask=mask, is_causal=mask is None and S > 1)
             h = x + att.wo(y.transpose(1, 2).reshape(B, S, -1))
             x = h + layer.feed_forward(layer.ffn_norm(h))
-        return m.output(m.norm(x[:, -1])).float()
+        return m.norm(x[:, -1])
 
     def _decode_attention(self, q, k, v, mask):
         if self.explicit_attention:
@@ -148,7 +149,7 @@ class _Decoder(torch.nn.Module):
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor | None,
                 length: int) -> torch.Tensor:
         """One token per row for cache rows 0..r-1: tokens (r,), positions (r,), optional caption key mask
-        (r, >= length) -> logits (r, V). Attends over cache columns [0, length) of each row, masked to <= pos."""
+        (r, >= length) -> normed hidden (r, dim). Attends over cache columns [0, length) of each row, masked to <= pos."""
         m = self.model
         r = tokens.shape[0]
         x = m.tok_embeddings(tokens)[:, None]  # (r, 1, dim)
@@ -170,7 +171,7 @@ class _Decoder(torch.nn.Module):
             y = self._decode_attention(q, kc[:r, :, :length], vc[:r, :, :length], mask)
             h = x + att.wo(y.transpose(1, 2).reshape(r, 1, -1))
             x = h + layer.feed_forward(layer.ffn_norm(h))
-        return m.output(m.norm(x[:, -1])).float()
+        return m.norm(x[:, -1])
 
 
 class Engine:
@@ -461,13 +462,13 @@ class Engine:
             cm = torch.stack([cm, cm], dim=1).flatten(0, 1)  # the uncond row keeps its prompt's mask, as generate
             mask = m.prefix_mask(cm, self.T)
             self._key_mask[rows, : self.T] = cm
-        logits = self._decoder.prefill(x, rows, mask)
+        hidden = self._decoder.prefill(x, rows, mask)
         self.stats["prefills"] += 1
         local, at = {}, 0
         for j in jobs:  # the prefill batch holds the new jobs' slots in admission order
             local[id(j)] = torch.arange(at, at + j.n, device=self.device)
             at += j.n
-        self._sample(logits.view(n, 2, -1), slot_t, jobs, local)
+        self._sample(hidden.view(n, 2, -1), slot_t, jobs, local)
 
     def _decode(self) -> None:
         live = [i for i, s in enumerate(self._slots) if s is not None]
@@ -481,9 +482,9 @@ class Engine:
         tok = self._tok[:hi].repeat_interleave(2)
         pos = self._pos[:hi].repeat_interleave(2)
         km = None if self._key_mask is None else self._key_mask[: 2 * hi]
-        logits = self._call_decoder(tok, pos, km, length)
+        hidden = self._call_decoder(tok, pos, km, length)
         self.stats["steps"] += 1
-        self._sample(logits.view(hi, 2, -1), None, jobs, {id(j): j.slot_index for j in jobs})
+        self._sample(hidden.view(hi, 2, -1), None, jobs, {id(j): j.slot_index for j in jobs})
 
     def _call_decoder(self, tok, pos, km, length):
         if self._compile_mode == "reduce-overhead" and self._compiled:
@@ -502,62 +503,68 @@ class Engine:
                 self._step_fn = self._decoder
         return self._step_fn(tok, pos, km, length)
 
-    def _sample(self, pair_logits: torch.Tensor, slot_t: torch.Tensor | None, jobs: list[_Job],
+    def _sample(self, pair_hidden: torch.Tensor, slot_t: torch.Tensor | None, jobs: list[_Job],
                 local_rows: dict[int, torch.Tensor]) -> None:
-        """pair_logits (m, 2, V) for slots slot_t (None = slots 0..m-1); samples one token per slot of `jobs`;
-        local_rows maps a job to its rows in pair_logits."""
-        m = pair_logits.shape[0]
+        """pair_hidden (m, 2, dim): normed last hidden states of slots slot_t (None = slots 0..m-1), cond then
+        uncond; samples one token per slot of `jobs`; local_rows maps a job to its rows in pair_hidden."""
+        m = pair_hidden.shape[0]
         sel = slice(0, m) if slot_t is None else slot_t
         scale = self._scale[sel]
         sched = [j for j in jobs if j.use_cfg and j.req.cfg_schedule not in (None, "constant")]
         if sched:
             scale = scale.clone()
             for j in sched:
-                s = cfg_scale_at(j.step, j.n_tokens, j.req.cfg_scale, j.req.cfg_schedule)
-                scale[local_rows[id(j)]] = s
-        logits = combine_cfg(pair_logits, scale, self._use_cfg[sel])
-        temp, topk, topp = self._temp[sel], self._topk[sel], self._topp[sel]
-        exact = [j for j in jobs if j.generator is not None and not j.req.greedy]
-        greedy = [j for j in jobs if j.req.greedy]
-        shared = [j for j in jobs if j.generator is None and not j.req.greedy]
-        fast = [j for j in shared if j.req.top_k > 0 and self.fast_unseeded]
-        full = exact + [j for j in shared if not (j.req.top_k > 0 and self.fast_unseeded)]
-        for j in greedy:
-            self._store(j, logits[local_rows[id(j)]].argmax(-1))
-        if full:
-            probs, where = self._probs(logits, temp, topk, topp, full, local_rows)
-            unseeded = []
-            for j in full:
-                if j.generator is None:
-                    unseeded.append(j)
-                else:  # one call over exactly this request's rows: the stream argen.generate draws
-                    self._store(j, torch.multinomial(probs[where[id(j)]], 1, generator=j.generator)[:, 0])
-            if unseeded:
-                toks = torch.multinomial(probs[torch.cat([where[id(j)] for j in unseeded])], 1,
-                                         generator=self._shared_gen)[:, 0]
-                self._split_store(unseeded, toks)
+                scale[local_rows[id(j)]] = cfg_scale_at(j.step, j.n_tokens, j.req.cfg_scale, j.req.cfg_schedule)
+        use_cfg, temp, topk, topp = self._use_cfg[sel], self._temp[sel], self._topk[sel], self._topp[sel]
+        head = self.model.output
+        fast = [j for j in jobs if self.fast_unseeded and j.generator is None and not j.req.greedy
+                and j.req.top_k > 0]
+        rest = [j for j in jobs if not any(j is f for f in fast)]
+        if rest:
+            # logits of both rows, then CFG on logits: the arithmetic of argen.generate
+            rows, where = self._gather(rest, local_rows)
+            logits = combine_cfg(head(pair_hidden[rows]).float(), scale[rows], use_cfg[rows])
+            exact = [j for j in rest if j.generator is not None and not j.req.greedy]
+            unseeded = [j for j in rest if j.generator is None and not j.req.greedy]
+            for j in rest:
+                if j.req.greedy:
+                    self._store(j, logits[where[id(j)]].argmax(-1))
+            sampled = exact + unseeded
+            if sampled:
+                srows, swhere = self._gather(sampled, where)
+                ks = {int(j.req.top_k) for j in sampled}
+                probs = filter_logits(logits[srows], temp[rows][srows], topk[rows][srows], topp[rows][srows],
+                                      max(ks), any(j.req.top_p < 1.0 for j in sampled), same_k=len(ks) == 1,
+                                      unit_temperature=all(j.req.temperature == 1.0 for j in sampled)).softmax(-1)
+                for j in exact:  # one call over exactly this request's rows: the stream argen.generate draws
+                    self._store(j, torch.multinomial(probs[swhere[id(j)]], 1, generator=j.generator)[:, 0])
+                if unseeded:
+                    urows, _ = self._gather(unseeded, swhere)
+                    self._split_store(unseeded, torch.multinomial(probs[urows], 1, generator=self._shared_gen)[:, 0])
         if fast:
-            rows = torch.cat([local_rows[id(j)] for j in fast])
-            toks = sample_top_candidates(logits[rows], temp[rows], topk[rows], topp[rows],
-                                         max(j.req.top_k for j in fast), any(j.req.top_p < 1 for j in fast),
-                                         self._shared_gen)
+            # Linear head, so CFG on logits equals the head of the guided hidden state: one head row per image
+            # instead of two. Unseeded requests promise the distribution, not a bit-exact random stream.
+            rows, _ = self._gather(fast, local_rows)
+            h = pair_hidden[rows]
+            c, u = h[:, 0], h[:, 1]
+            guided = torch.where(use_cfg[rows][:, None], u + scale[rows][:, None].to(h.dtype) * (c - u), c)
+            ks = {int(j.req.top_k) for j in fast}
+            toks = sample_top_candidates(head(guided).float(), temp[rows], topk[rows], topp[rows], max(ks),
+                                         any(j.req.top_p < 1 for j in fast), self._shared_gen, same_k=len(ks) == 1,
+                                         unit_temperature=all(j.req.temperature == 1.0 for j in fast))
             self._split_store(fast, toks)
         for j in jobs:
             if j.step >= j.n_tokens:
                 self._finish(j)
 
-    @staticmethod
-    def _probs(logits, temp, topk, topp, jobs, local_rows):
-        """Filtered probabilities over the rows of `jobs` only, and each job's rows within them."""
-        rows = torch.cat([local_rows[id(j)] for j in jobs])
+    def _gather(self, jobs: list[_Job], rows_of: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The rows of `jobs` (in job order) and each job's rows within that selection."""
+        rows = torch.cat([rows_of[id(j)] for j in jobs])
         where, at = {}, 0
         for j in jobs:
-            where[id(j)] = torch.arange(at, at + j.n, device=logits.device)
+            where[id(j)] = torch.arange(at, at + j.n, device=self.device)
             at += j.n
-        ks = {int(j.req.top_k) for j in jobs}
-        probs = filter_logits(logits[rows], temp[rows], topk[rows], topp[rows], max(ks),
-                              any(j.req.top_p < 1.0 for j in jobs), same_k=len(ks) == 1).softmax(-1)
-        return probs, where
+        return rows, where
 
     def _split_store(self, jobs: list[_Job], toks: torch.Tensor) -> None:
         at = 0

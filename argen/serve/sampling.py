@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from argen import device as dev
 
 
 def combine_cfg(pair_logits: torch.Tensor, scale: torch.Tensor, use_cfg: torch.Tensor) -> torch.Tensor:
@@ -23,19 +22,21 @@ def combine_cfg(pair_logits: torch.Tensor, scale: torch.Tensor, use_cfg: torch.T
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  k_max: int, any_top_p: bool, same_k: bool = False) -> torch.Tensor:
+                  k_max: int, any_top_p: bool, same_k: bool = False, unit_temperature: bool = False) -> torch.Tensor:
     """temperature (m,) already clamped to >= 1e-5; top_k (m,) long, 0 = off; top_p (m,) float, 1.0 = off.
 
     Host facts about the rows: k_max the largest top_k, any_top_p whether any row has top_p < 1, same_k whether
-    every row has top_k == k_max."""
-    logits = logits / temperature[:, None]
+    every row has top_k == k_max, unit_temperature whether every temperature is 1 (x / 1 == x, so skipping the
+    division changes no bit)."""
+    if not unit_temperature:
+        logits = logits / temperature[:, None]
     neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
     V = logits.shape[-1]
     if k_max > 0:
         k_max = min(k_max, V)
-        if same_k and not dev.is_accelerator(logits.device):
-            # the same order statistic as topk(...)[-1], by selection instead of a partial sort (4-5x on CPU)
-            kth = torch.kthvalue(logits, V - k_max + 1, dim=-1, keepdim=True).values
+        if same_k:
+            # the same order statistic as topk(...)[-1]: the smallest of the k selected, without sorting them
+            kth = torch.topk(logits, k_max, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         else:
             top = torch.topk(logits, k_max, dim=-1).values  # sorted, so column k-1 is the k-th largest
             kth = top.gather(1, (top_k.clamp(1, k_max) - 1)[:, None])
@@ -54,17 +55,23 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 
 def sample_top_candidates(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                          k_max: int, any_top_p: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """The same distribution as filter_logits + softmax + multinomial for rows that all have top_k > 0, drawing
-    only over each row's k_max best candidates (one sort of k_max values instead of the vocabulary, and k_max
-    random numbers per row instead of V). Used for unseeded requests, which promise no particular random stream.
-    Returns tokens (m,)."""
-    logits = logits / temperature[:, None]
+                          k_max: int, any_top_p: bool, generator: torch.Generator | None, same_k: bool = False,
+                          unit_temperature: bool = False) -> torch.Tensor:
+    """The same distribution as filter_logits + softmax + multinomial, for rows that all have top_k > 0, with less
+    work: unseeded requests promise the distribution, not a particular random stream. Returns tokens (m,).
+
+    Select each row's k_max best logits (unsorted when every row has the same k and no top-p: selection without a
+    sort), apply temperature to those k values only, top-p on the sorted candidates, then Gumbel-max over the
+    candidates (k uniforms per row instead of the V exponentials torch.multinomial draws)."""
     k_max = min(k_max, logits.shape[-1])
-    vals, idx = torch.topk(logits, k_max, dim=-1)  # sorted descending
-    col = torch.arange(k_max, device=logits.device)
+    need_order = any_top_p or not same_k
+    vals, idx = torch.topk(logits, k_max, dim=-1, sorted=need_order)
+    if not unit_temperature:
+        vals = vals / temperature[:, None]  # monotone: the same candidates as filtering after the division
     neg_inf = torch.tensor(float("-inf"), dtype=vals.dtype, device=vals.device)
-    vals = torch.where(col[None] < top_k[:, None], vals, neg_inf)
+    if not same_k:
+        col = torch.arange(k_max, device=logits.device)
+        vals = torch.where(col[None] < top_k[:, None], vals, neg_inf)
     if any_top_p:
         cum = vals.softmax(-1).cumsum(-1)
         remove = cum > top_p[:, None]
@@ -72,5 +79,6 @@ def sample_top_candidates(logits: torch.Tensor, temperature: torch.Tensor, top_k
         remove[..., 0] = False
         remove &= (top_p < 1.0)[:, None]
         vals = torch.where(remove, neg_inf, vals)
-    choice = torch.multinomial(vals.softmax(-1), 1, generator=generator)
+    u = torch.rand(vals.shape, generator=generator, device=vals.device).clamp_(min=1e-20)
+    choice = (vals.float() - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
     return idx.gather(1, choice)[:, 0]
