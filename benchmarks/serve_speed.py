@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                     help="engine decode step: auto = compiled with CUDA graphs on an accelerator, eager on CPU")
     ap.add_argument("--skip", default="", help="comma list of samplers to skip: reference,generate")
+    ap.add_argument("--serving", action="store_true",
+                    help="also run the serving scenario: the same images as independent one-image requests arriving "
+                         "together (baselines answer them one after another; the engine batches them)")
     args = ap.parse_args(argv)
 
     device = dev.default_device()
@@ -122,24 +125,50 @@ def main(argv=None) -> int:
     # candidates only (same distribution, fewer random numbers)
     results["Engine, seeded (exact)"] = timed(lambda: engine.generate(seeded), args.repeats, device)
     results["Engine, unseeded"] = timed(lambda: engine.generate(unseeded), args.repeats, device)
+    serving: dict[str, tuple[float, float]] = {}
+    if args.serving:
+        singles = [Request([int(x)], cfg_scale=args.cfg, top_k=args.top_k, seed=i) for i, x in enumerate(labels)]
+        if "reference" not in skip:
+            ref_model, ref = reference_model(model)
+
+            def run_ref_each():
+                with torch.no_grad():
+                    for x in labels:
+                        ref.generate(ref_model, x[None], tokens, cfg_scale=args.cfg, top_k=args.top_k)
+            serving["reference-style eager loop"] = timed(run_ref_each, 1, device)
+            del ref_model
+        if "generate" not in skip:
+            serving["argen.generate"] = timed(lambda: [argen.generate(model, x[None], cfg_scale=args.cfg,
+                                                                      top_k=args.top_k, seed=0) for x in labels],
+                                              1, device)
+        serving["Engine, seeded (exact)"] = timed(lambda: engine.generate(singles), args.repeats, device)
+        unseeded_singles = [Request([int(x)], cfg_scale=args.cfg, top_k=args.top_k) for x in labels]
+        serving["Engine, unseeded"] = timed(lambda: engine.generate(unseeded_singles), args.repeats, device)
     engine.close()
 
     print(f"engine warm-up {warm:.1f} s (compile: {args.compile}), not included below")
+    report(results, args.images, accel, f"one batch of {args.images} labels")
+    if serving:
+        report(serving, args.images, accel, f"serving: {args.images} one-image requests at once")
+    return 0
+
+
+def report(results: dict[str, tuple[float, float]], images: int, accel: bool, title: str) -> None:
     base = results.get("reference-style eager loop")
     gen = results.get("argen.generate")
     for i, what in enumerate(["wall", "CPU"]):
         if i and accel:
             break
-        print(f"-- {what} time" + (" (process CPU seconds: robust to other load on a shared machine)" if i else ""))
+        print(f"-- {title}, {what} time" + (" (process CPU seconds: robust to other load on a shared machine)"
+                                            if i else ""))
         for k, v in results.items():
             s = v[i]
-            line = f"{k:<28} {s:8.2f} s/batch  {args.images / s:7.2f} img/s"
+            line = f"{k:<28} {s:8.2f} s/batch  {images / s:7.2f} img/s"
             if base:
                 line += f"  x{base[i] / s:5.2f} vs reference loop"
             if gen:
                 line += f"  x{gen[i] / s:5.2f} vs argen.generate"
             print(line)
-    return 0
 
 
 if __name__ == "__main__":
