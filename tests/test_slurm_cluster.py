@@ -86,13 +86,13 @@ def _standin(tmp: Path) -> list[str]:
 
 
 def _submit_standin(slurm, run_dir: Path, *, nodes: int, tasks: int, overrides: list[str], requeue=True,
-                    time_limit="5") -> tuple[str, Path]:
+                    time_limit="5", signal_lead=60) -> tuple[str, Path]:
     name = slurm.name("train")
     r = sl.Resources(job_name=name, time=time_limit, chdir=str(Path.cwd()))
     text = submit_cli.render_train("unused.yaml", [f"run_dir={run_dir}", *overrides], nodes=nodes,
                                    gpus_per_node=0, tasks_per_node=tasks, cpus_per_task=None, resources=r,
                                    run_dir=run_dir, log_dir=run_dir / "slurm", python=sys.executable,
-                                   signal_lead_s=60, requeue=requeue, entry=_standin(slurm.workdir))
+                                   signal_lead_s=signal_lead, requeue=requeue, entry=_standin(slurm.workdir))
     script = sl.write_script(text, run_dir / "slurm" / f"{name}.sbatch")
     job = sl.sbatch(script)
     return job, run_dir / "slurm" / f"{name}-{job}.out"
@@ -126,18 +126,54 @@ def test_two_nodes_two_tasks_rendezvous(slurm):
     assert f"rendezvous {first}:{20000 + int(job) % 20000}" in text and "tasks exited with status 0" in text
 
 
+GPU_PAYLOAD = r"""
+import json, os, sys
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+keys = ["SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_DEBUG", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"]
+with open(os.path.join(args["run_dir"], "task%s.json" % os.environ["SLURM_PROCID"]), "w") as f:
+    json.dump({k: os.environ.get(k) for k in keys}, f)
+"""
+
+
+def test_gpu_layout_one_task_per_gpu(slurm):
+    """The GPU path of the template on (fake) GPU nodes: --gpus-per-node 2 -> 2 tasks that each see both GPUs
+    (the local rank picks one) and the NCCL environment. slurm-up.sh advertises 2 fake GPUs per node."""
+    gres = subprocess.run(["sinfo", "-h", "-N", "-o", "%G"], capture_output=True, text=True).stdout
+    assert "gpu:" in gres, f"the CI cluster advertises fake GPUs (SLURM_FAKE_GPUS); sinfo says {gres!r}"
+    run = slurm.workdir / "gpu"
+    run.mkdir()
+    name = slurm.name("gpu")
+    r = sl.Resources(job_name=name, time="5", chdir=str(Path.cwd()))
+    text = submit_cli.render_train("unused.yaml", [f"run_dir={run}"], nodes=1, gpus_per_node=2, tasks_per_node=2,
+                                   cpus_per_task=1, resources=r, run_dir=run, log_dir=run / "slurm",
+                                   python=sys.executable, signal_lead_s=60, entry=["-c", GPU_PAYLOAD])
+    job = sl.sbatch(sl.write_script(text, run / "slurm" / f"{name}.sbatch"))
+    log = run / "slurm" / f"{name}-{job}.out"
+    assert slurm.wait_done(job, 60) == "COMPLETED", _log(log)
+    tasks = [json.loads((run / f"task{i}.json").read_text()) for i in range(2)]
+    assert [t["SLURM_LOCALID"] for t in tasks] == ["0", "1"] and all(t["SLURM_NTASKS"] == "2" for t in tasks)
+    assert all(t["CUDA_VISIBLE_DEVICES"] == "0,1" and t["SLURM_GPUS_ON_NODE"] == "2" for t in tasks), tasks
+    assert all(t["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and t["NCCL_DEBUG"] == "WARN" for t in tasks)
+    assert all(t["OMP_NUM_THREADS"] == "1" and t["MASTER_PORT"] == str(20000 + int(job) % 20000) for t in tasks)
+
+
 def test_usr1_requeue_then_cancel_without_requeue_and_status(slurm, capsys):
     """The shell side of preemption with a stand-in trainer (the real trainer: test_slurm_argen.py): USR1 ->
     checkpoint -> requeue -> resume; then a plain scancel: TERM -> checkpoint -> CANCELLED, no requeue."""
     run = slurm.workdir / "cancel"
     job, log = _submit_standin(slurm, run, nodes=1, tasks=1,
                                overrides=["train.max_steps=400", "step_time=0.2", "train.resume=auto"])
-    slurm.wait_until(lambda: (run / "metrics.jsonl").exists(), 60, f"a training step\n{_log(log)}", poll=0.1)
+    # USR1 as soon as the batch script runs: the tasks are still starting Python (no handler yet). They ignore
+    # the signal until the handler exists, and the script sends it again until they have stopped.
+    slurm.wait_until(lambda: "restart 0 on" in _log(log), 60, f"the job to start\n{_log(log)}", poll=0.05)
+    assert not (run / "metrics.jsonl").exists()
     sl.scancel(job, signal="USR1", batch=True)
-    slurm.wait_until(lambda: slurm.job(job).get("Restarts") == "1", 60, f"job {job} to requeue\n{_log(log)}")
+    slurm.wait_until(lambda: slurm.job(job).get("Restarts") == "1", 90, f"job {job} to requeue\n{_log(log)}")
+    assert "sending USR1 again" in _log(log)
     slurm.wait_until(lambda: "resumed from step" in _log(log), 60, f"the resumed run\n{_log(log)}", poll=0.2)
     k = int(_log(log).split("resumed from step ")[1].split()[0])
-    assert f"SIGUSR1 -> saved checkpoint at step {k}" in _log(log)
+    assert k >= 1 and f"SIGUSR1 -> saved checkpoint at step {k}" in _log(log)
     subprocess.run(["scancel", job], check=True)
     slurm.wait_state(job, "CANCELLED", 30)
     slurm.wait_until(lambda: _log(log).count("saved checkpoint") == 2, 15, f"checkpoint on cancel\n{_log(log)}")
@@ -184,3 +220,29 @@ def test_eval_cron_resubmits_itself(slurm, tmp_path, capsys):
         submit_cli.main(["eval-cron", str(run), "--every", "3s", "--mode", "resubmit", "--job-name", name])
     assert submit_cli.main(["eval-cron", str(run), "--mode", "resubmit", "--remove", "--job-name", name]) == 0
     slurm.wait_until(lambda: not submit_cli._existing_jobs(name), 20, "the chain to be cancelled")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_time_limit_signal_checkpoints_and_requeues(slurm):
+    """The real time-limit path (nightly): --time=1 with --signal=B:USR1@30. Slurm's ~30 s limit loop delivers USR1
+    some 10-40 s before the limit; each run checkpoints, requeues and resumes until the run is done."""
+    run = slurm.workdir / "timelimit"
+    steps = 100  # ~35 s of steps: more than one run's share before the signal, so at least one requeue
+    job, log = _submit_standin(slurm, run, nodes=1, tasks=1, time_limit="1", signal_lead=30,
+                               overrides=[f"train.max_steps={steps}", "step_time=0.35", "train.resume=auto"])
+    assert slurm.wait_done(job, 580) == "COMPLETED", _log(log)
+    text = _log(log)
+    restarts = int(slurm.job(job).get("Restarts", "0"))
+    assert restarts >= 1 and text.count("requeueing job") == restarts and "DUE TO TIME LIMIT" not in text, text
+    saved = [int(x.rsplit(" ", 1)[1]) for x in text.splitlines() if "saved checkpoint at step" in x]
+    resumed = [int(x.split("resumed from step ")[1].split()[0]) for x in text.splitlines() if "resumed from step" in x]
+    # every run resumed where the previous one saved; a USR1 that lands after the last step (while Python exits)
+    # still requeues, and that run resumes at the end and stops at once
+    assert len(resumed) == restarts and all(r in saved or r == steps for r in resumed), text
+    assert saved == sorted(saved) and resumed[:len(saved)] == saved, text
+    ref = slurm.workdir / "timelimit-ref"
+    subprocess.run([sys.executable, _standin(slurm.workdir)[0], f"run_dir={ref}", f"train.max_steps={steps}",
+                    "step_time=0"], check=True, timeout=120)
+    got, want = _losses(run), _losses(ref)
+    assert sorted(got) == list(range(1, steps + 1)) and all(abs(got[s] - want[s]) < 1e-6 for s in want)

@@ -243,7 +243,7 @@ def cmd_tokenize(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ eval-cron
 def _existing_jobs(name: str) -> list[str]:
-    out = slurm._run(["squeue", "-h", "--name", name, "-o", "%i"], check=False)
+    out = slurm._run(["squeue", "-h", "--me", "--name", name, "-o", "%i"], check=False)
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
