@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model_type != "t2i":
             raise ArgenError(f"--t5 given but {args.ckpt} is a class-conditional (c2i) model")
         from argen.serve.text import PromptEncoder
-        text_encoder = PromptEncoder(args.t5, cfg.cls_token_num, cfg.caption_dim, device=device)
+        text_encoder = PromptEncoder(args.t5, cfg.cls_token_num, cfg.caption_dim, device=device,
+                                     dtype=torch.bfloat16 if dev.is_accelerator(device) else torch.float32)
     elif cfg.model_type == "t2i":
         logging.getLogger("argen.serve").warning(
             "t2i model served without --t5: prompt requests will be refused (400) until a T5 directory is given")

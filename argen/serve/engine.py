@@ -450,6 +450,8 @@ class Engine:
             self._pos[idx] = self.T
         n = len(slots)
         cond = torch.cat(conds).to(self.device)
+        if cond.is_floating_point():  # caption features arrive in fp32 (HTTP, T5 in another dtype)
+            cond = cond.to(self.dtype)
         x_c = m.embed_condition(cond)
         x_u = m.embed_condition(m.null_condition(n, self.device).to(cond.dtype))
         dt = m.tok_embeddings.weight.dtype
