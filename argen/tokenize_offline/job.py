@@ -36,7 +36,9 @@ from argen.tokenize_offline.config import TokenizeConfig
 
 WORK = "_work"
 # knobs that change speed, not bytes: left out of the fingerprint so they can change between resumes
+# (kernel choice can still flip an argmin near-tie; the tests compare runs with equal knobs bit for bit)
 _NOT_FINGERPRINTED = {("output", "url"), ("num_workers",), ("images_per_batch",), ("vq", "crops_per_forward"),
+                      ("vq", "channels_last"),
                       ("text", "batch_size"), ("progress",), ("threads",)}
 
 
@@ -297,6 +299,8 @@ class TokenizeJob:
         from argen.model.io import load as load_model
 
         vq = load_model(cfg.vq.path, device=device)
+        if cfg.vq.channels_last:
+            vq = vq.to(memory_format=torch.channels_last)
         if cfg.image_size % vq.downsample:
             raise ArgenError(f"image_size {cfg.image_size} is not a multiple of the VQ downsample factor {vq.downsample}")
         t5 = None
@@ -360,7 +364,8 @@ class TokenizeJob:
                         for c in r["conv"]:
                             converted[c] = converted.get(c, 0) + 1
                 if ok:
-                    codes = encode_crops(vq, [r["crops"] for r in ok], per_forward, device, dtype)
+                    codes = encode_crops(vq, [r["crops"] for r in ok], per_forward, device, dtype,
+                                         cfg.vq.channels_last)
                     feats = t5_features(t5, [r["caption"] for r in ok], cfg.text.batch_size) if t5 else [None] * len(ok)
                     for r, c, f in zip(ok, codes, feats):
                         writer.write(sf.encode_sample(r["key"], c, label=r["label"], caption=r["caption"], t5=f,
@@ -439,13 +444,16 @@ def _created_by() -> str:
     return f"argen {__version__}"
 
 
-def encode_crops(vq, crops: list[np.ndarray], per_forward: int, device, dtype) -> list[np.ndarray]:
+def encode_crops(vq, crops: list[np.ndarray], per_forward: int, device, dtype,
+                 channels_last: bool = False) -> list[np.ndarray]:
     """uint8 crops of several images -> per image uint16-ready codes (n_aug, grid*grid), VQ in chunks."""
     allc = np.concatenate(crops)
     out = []
     with torch.inference_mode(), dev.autocast(device, dtype):
         for i in range(0, len(allc), per_forward):
             x = im.to_model_input(allc[i: i + per_forward]).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             out.append(vq.encode(x).reshape(x.shape[0], -1).cpu())
     codes = torch.cat(out).numpy()
     res, k = [], 0
