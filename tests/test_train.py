@@ -222,3 +222,15 @@ def test_decay_groups_schedule_and_flops():
     g = gpt_config("GPT-B")
     n_matmul = 110_888_448 - 16384 * 768 - 1001 * 768 - (2 * 12 + 1) * 768
     assert flops_per_token(g) == 6 * n_matmul + 12 * 12 * 768 * 256 / 2
+
+
+def test_data_must_fit_the_model(tmp_path):
+    from argen.errors import ArgenError
+    from argen.launcher.train_gpt import check_manifest
+    _write_shards(str(tmp_path / "shards"), "c2i")
+    ok = tiny_cfg(tmp_path / "r", data={"url": str(tmp_path / "shards")})
+    check_manifest(ok, ok.model.gpt_config())
+    for over, key in [({"vocab_size": 256}, "model.vocab_size"), ({"image_size": 128}, "model.image_size")]:
+        bad = tiny_cfg(tmp_path / "r", data={"url": str(tmp_path / "shards")}, model=over)
+        with pytest.raises(ArgenError, match=key):
+            check_manifest(bad, bad.model.gpt_config())

@@ -145,6 +145,26 @@ class ShardBatches:
         self.inner.close()
 
 
+def check_manifest(cfg: TrainConfig, gcfg: GPTConfig) -> None:
+    """The data set must fit the model: codebook within the vocabulary, the token grid of the resolution, the task."""
+    if not cfg.data.url:
+        return
+    from argen.data_pipeline import shard_format
+    m = shard_format.read_manifest(cfg.data.url.rstrip("/").removesuffix("/manifest.json"))
+    if m.codebook_size > gcfg.vocab_size:
+        raise ArgenError(f"model.vocab_size {gcfg.vocab_size} is smaller than the data's codebook "
+                         f"({m.codebook_size}, {cfg.data.url}); set model.vocab_size={m.codebook_size}")
+    if m.grid != gcfg.grid:
+        raise ArgenError(f"model.image_size {cfg.model.image_size} gives a {gcfg.grid}x{gcfg.grid} token grid but "
+                         f"{cfg.data.url} holds {m.grid}x{m.grid} codes (image_size {m.image_size})")
+    want = "class" if gcfg.model_type == "c2i" else "caption"
+    if m.conditioning != want:
+        raise ArgenError(f"model.model_type {gcfg.model_type} needs {want}-conditioned data; {cfg.data.url} is "
+                         f"{m.conditioning}-conditioned")
+    if gcfg.model_type == "t2i" and m.t5 and int(m.t5.get("dim", gcfg.caption_dim)) != gcfg.caption_dim:
+        raise ArgenError(f"model.caption_dim {gcfg.caption_dim} != the data's T5 dim {m.t5['dim']}")
+
+
 def make_loader(cfg: TrainConfig, gcfg: GPTConfig, dp_rank: int, dp: int, micro: int):
     if cfg.data.resolved_source() == "synthetic":
         return SyntheticCodes(gcfg, cfg.data.synthetic_samples, cfg.train.seed, dp_rank, dp, micro)
@@ -152,6 +172,7 @@ def make_loader(cfg: TrainConfig, gcfg: GPTConfig, dp_rank: int, dp: int, micro:
         from argen.data_pipeline.loader import DataConfig, build_loader
     except ImportError as e:
         raise ArgenError(f"data.url: reading shards needs argen.data_pipeline.loader ({e})") from None
+    check_manifest(cfg, gcfg)
     from argen.config import load_config
     dcfg = load_config(DataConfig, data={"url": cfg.data.url, "task": gcfg.model_type, "seed": cfg.train.seed,
                                          "caption_slots": gcfg.cls_token_num, **cfg.data.options})
