@@ -5,7 +5,8 @@ import pytest
 
 from argen.data_pipeline import shard_format as sf
 from argen.data_pipeline import storage
-from tests.test_tokenize import _img2dataset_shards, dataset, make_cfg, run, vq_dir  # noqa: F401
+from tests.test_tokenize import (BAD_POLICY, _ilsvrc_tar, _img2dataset_shards, broken_class_tree, dataset,  # noqa: F401
+                                 make_cfg, run, vq_dir)
 
 pytestmark = pytest.mark.s3
 
@@ -40,3 +41,17 @@ def test_img2dataset_shards_on_s3(tmp_path, vq_dir, s3_bucket):  # noqa: F811
     assert m.skipped == m_local.skipped and m.num_samples == m_local.num_samples > 0
     assert [s.sha256 for s in m.shards] == [s.sha256 for s in m_local.shards]
     assert sf.read_manifest(f"{s3_bucket}/out").conditioning == "caption"
+
+
+def test_ilsvrc_tar_on_s3_equals_local_folder(tmp_path, vq_dir, s3_bucket):  # noqa: F811
+    broken_class_tree(tmp_path / "train")
+    _ilsvrc_tar(tmp_path / "train", tmp_path / "train.tar", corrupt_class=None)
+    url = f"{s3_bucket}/raw/ILSVRC2012_img_train.tar"
+    storage.put_file_atomic(str(tmp_path / "train.tar"), url)
+    common = ("output.samples_per_shard=7", "augment.mode=center_flip", *BAD_POLICY)
+    job, _ = run(make_cfg(vq_dir, f"{s3_bucket}/codes", "source.kind=imagenet_tar", f"source.path={url}", *common))
+    m = job.finalize()
+    job, _ = run(make_cfg(vq_dir, str(tmp_path / "dir"), "source.kind=imagenet_folder",
+                          f"source.path={tmp_path / 'train'}", *common))
+    m_dir = job.finalize()
+    assert m.skipped == m_dir.skipped and [s.sha256 for s in m.shards] == [s.sha256 for s in m_dir.shards]
