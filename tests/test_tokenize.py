@@ -409,3 +409,36 @@ def test_caption_cleaning_and_t5_truncation(t5_dir):
     long, short = enc.encode(["a red dog " * 100, "a dog"])
     assert long.shape == (120, 16) and long.dtype == torch.float16          # truncated to 120 tokens (EOS kept)
     assert short.shape[0] == len(enc.tokenizer("a dog")["input_ids"]) < 120  # not padded
+
+
+def test_vanished_input_is_skipped_and_io_errors_are_retried(tmp_path, vq_dir, monkeypatch):
+    from argen.tokenize_offline import job as job_mod
+
+    broken_class_tree(tmp_path / "train")
+    cfg = make_cfg(vq_dir, str(tmp_path / "out"), "source.kind=imagenet_folder", f"source.path={tmp_path / 'train'}",
+                   "augment.mode=center", *BAD_POLICY)
+    job = TokenizeJob(cfg, log=lambda m: None)
+    job.load_index()
+    (tmp_path / "train" / "n01" / "img0.jpg").unlink()          # gone after indexing: skipped, counted
+    real, calls = job_mod.src.read_item_bytes, {"n": 0}
+
+    def flaky(item, index, root):
+        calls["n"] += 1
+        if calls["n"] in (3, 4):                                  # a transient storage error, twice
+            raise ConnectionError("connection reset by peer")
+        return real(item, index, root)
+
+    monkeypatch.setattr(job_mod.src, "read_item_bytes", flaky)
+    monkeypatch.setattr(job_mod.time, "sleep", lambda s: None)
+    job.run_part(Part(0, 1, "single"))
+    m = job.finalize()
+    assert m.skipped["unreadable_source"] == 1 and m.num_samples == 13
+
+    def down(item, index, root):
+        raise ConnectionError("S3 is down")
+
+    monkeypatch.setattr(job_mod.src, "read_item_bytes", down)
+    cfg2 = make_cfg(vq_dir, str(tmp_path / "out2"), "source.kind=imagenet_folder", f"source.path={tmp_path / 'train'}",
+                    "augment.mode=center")
+    with pytest.raises(ConnectionError):                          # not silently skipped: the job stops, rerun resumes
+        TokenizeJob(cfg2, log=lambda m: None).run_part(Part(0, 1, "single"))

@@ -129,6 +129,20 @@ class _UnitDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _read(self, item: dict, attempts: int = 4) -> bytes | None:
+        """The item's bytes; None for an input that is gone or unreadable (a skip). Other I/O errors (network,
+        server) are retried, then raised: the job stops and a rerun resumes, rather than silently dropping images."""
+        for attempt in range(attempts):
+            try:
+                return src.read_item_bytes(item, self.index, self.root)
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                return None
+            except OSError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
+        return None
+
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
         out: dict[str, Any] = {"key": item["key"], "label": item.get("label"), "caption": None, "skip": None,
@@ -151,17 +165,18 @@ class _UnitDataset(torch.utils.data.Dataset):
                 out["skip"] = "empty_caption"
                 return out
             out["caption"] = caption
+        data = None
+        if "synthetic" not in item:
+            data = self._read(item)  # storage errors propagate from here (after retries), not below
+            if data is None:
+                out["skip"] = src.UNREADABLE_SOURCE
+                return out
         try:
-            if "synthetic" in item:
+            if data is None:
                 from argen.data_pipeline.synthetic import synthetic_image
 
                 img, conv, skip = synthetic_image(item["synthetic"], item["size"], item["seed"]), [], None
             else:
-                try:
-                    data = src.read_item_bytes(item, self.index, self.root)
-                except (OSError, ValueError):
-                    out["skip"] = src.UNREADABLE_SOURCE
-                    return out
                 img, conv, skip = im.decode_image(data, self.policy)
             if skip:
                 out["skip"] = skip
