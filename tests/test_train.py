@@ -134,6 +134,13 @@ def test_finetune_at_new_resolution_ema_bf16(tmp_path):
     e = tmp_path / "s2" / "exports"
     a, b = load_file(str(e / "step-00000003" / "model.safetensors")), load_file(str(e / "step-00000003-ema" / "model.safetensors"))
     assert set(a) == set(b) and not torch.equal(a["output.weight"], b["output.weight"])
+    # the EMA survives a preemption: stop at 2, resume, same EMA export as the uninterrupted run
+    cfg3 = tiny_cfg(tmp_path / "s3", model={"image_size": 128, "init_from": str(export)},
+                    train={"max_steps": 3, "precision": "bf16"}, optim={"ema": True, "ema_decay": 0.5})
+    _train(cfg3, on_step=_stop_at(2))
+    assert _train(cfg3)["losses"] == res["losses"][2:]
+    c = load_file(str(tmp_path / "s3" / "exports" / "step-00000003-ema" / "model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -295,11 +295,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             rs = torch.load(rank_file, weights_only=False)
             dev.set_rng_state(rs["rng"])
             loader.load_state_dict(rs["data"])
-        else:
+            if ema is not None and rs.get("ema") is not None:
+                ema.shadow = {k: v.to(device) for k, v in rs["ema"].items()}
+        else:  # another layout: data position from the global state, fresh RNG streams, EMA from the weights
             loader.load_state_dict(trainer_state["data"])
             _seed_rank(cfg.train.seed, coords["dp"], step)
-        if ema is not None and "ema" in trainer_state:
-            pass  # EMA shadows restart from the resumed weights (documented)
         del params, optim
     else:
         _seed_rank(cfg.train.seed, coords["dp"], 0)
@@ -365,7 +365,8 @@ def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict,
     run_dir = Path(cfg.run_dir)
     trainer_state = {"step": step, "samples_seen": step * cfg.train.global_batch, "data": loader.global_state_dict(),
                      "scheduler": {"last_epoch": step}}
-    rank_state = {"rng": dev.rng_state(), "data": loader.state_dict()}
+    rank_state = {"rng": dev.rng_state(), "data": loader.state_dict(),
+                  "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema is not None else None}
     path = ckpt_io.save(run_dir, step, par, trainer_state, rank_state, layout_info, keep=cfg.train.keep_checkpoints)
     export_every = cfg.train.export_every or cfg.train.checkpoint_every
     if is_main and (not export_every or step % export_every == 0 or step == cfg.train.max_steps):
