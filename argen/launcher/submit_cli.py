@@ -4,7 +4,7 @@ and scaling jobs; show a job's status.
     argen submit train configs/gpt-b.yaml --nodes 4 --gpus-per-node 8 --time 2-00:00:00 --partition gpu
     argen submit train configs/gpt-tiny.yaml --nodes 2 --tasks-per-node 2 --time 10 --dry-run train.max_steps=50
     argen submit tokenize configs/tokenize-imagenet.yaml --array 64 --gpus-per-task 1
-    argen submit eval-cron runs/gpt-b --every 30m --gpus-per-node 1 -- --vq vq.safetensors --ref ref.npz
+    argen submit eval-cron runs/gpt-b --every 30m --gpus-per-node 1 -- --vq models/vq16 --ref VIRTUAL_imagenet256_labeled.npz
     argen submit scaling configs/gpt-b.yaml --nodes 1,2,4,8 --gpus-per-node 8 --time 30 train.max_steps=200
     argen submit status 12345
 
