@@ -71,3 +71,19 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, vq_dir):  # noqa: F811
     assert [(s.name, s.sha256) for s in got.shards] == [(s.name, s.sha256) for s in ref.shards]
     assert sorted(int(k) for k in samples) == list(range(120))         # none missing, none duplicated
     assert sorted(os.listdir(out)) == ["manifest.json"] + [s.name for s in ref.shards]  # no temp files, no _work
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_ranks_split_and_rank0_finalizes(tmp_path, vq_dir):  # noqa: F811
+    cfg_file = tmp_path / "tok.yaml"
+    cfg_file.write_text("source:\n  kind: synthetic\n  num_images: 20\naugment:\n  mode: center\n")
+    out = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "argen.cli", "tokenize", "--no-progress", str(cfg_file), f"vq.path={vq_dir}",
+           f"output.url={out}", f"image_size={SIZE}", "threads=1", "num_workers=0", "output.samples_per_shard=5"]
+    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    outs = [p.communicate(timeout=200) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert "part 1/2 done" in outs[0][0] and "20 samples in 4 shards" in outs[1][0]
+    m, samples = dataset(str(out))
+    assert sorted(int(k) for k in samples) == list(range(20))

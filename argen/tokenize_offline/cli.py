@@ -72,7 +72,10 @@ def main(argv: list[str]) -> int:
         m = job.finalize()
     elif part.origin == "torchrun" and part.index == 0:
         log("waiting for the other ranks to finish before writing the manifest")
-        m = job.finalize(wait_s=7 * 24 * 3600.0, poll_s=10.0)
+        m = job.finalize(wait_s=7 * 24 * 3600.0, poll_s=2.0)
+    elif part.origin == "torchrun":
+        print(f"part {part.index}/{part.count} done; rank 0 writes the manifest when every rank is done")
+        return 0
     else:
         print(f"part {part.index}/{part.count} done; when every part is done run: "
               f"argen tokenize {args.config} {' '.join(args.overrides)} --finalize".rstrip())
