@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
