@@ -360,7 +360,7 @@ def compute_rfid(tr: Trainer) -> dict:
     originals, recons, done = [], [], 0
     for batch in tqdm(ref.batches(32), total=-(-n // 32), desc="rFID reconstructions"):
         batch = batch[: n - done]
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(tr.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.from_numpy(np.array(batch)).to(tr.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         recons.append(to_uint8(tr.reconstruct(x)).permute(0, 2, 3, 1).cpu().numpy())
         originals.append(batch)
         done += len(batch)
