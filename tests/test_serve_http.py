@@ -265,3 +265,42 @@ def test_cli_serves_a_checkpoint(tmp_path, gpt, vq):
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def tiny_t5_dir(path: Path) -> Path:
+    """A random 1-layer T5 encoder (d_model 24) and a word-level tokenizer saved as a local directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "cat", "in", "the", "snow"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
+                   eos_token_id=1)
+    T5EncoderModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_t2i_prompts_through_a_local_t5(tmp_path):
+    from argen.serve.text import PromptEncoder
+    t5 = tiny_t5_dir(tmp_path / "t5")
+    model = tiny_gpt("t2i")
+    encoder = PromptEncoder(str(t5), slots=6, dim=24)
+    feats, mask = encoder(["a red fox", "the cat in the snow snow snow"])
+    assert mask.tolist() == [[False, False, False, True, True, True], [True] * 6]  # right-aligned, truncated
+    with Engine(model, max_batch=4) as engine:
+        server = serve(ServeApp(engine, text_encoder=encoder))
+        try:
+            status, out = Client(server).post({"prompt": "a red fox", "seed": 2, "cfg_scale": 2.0, "top_k": 10})
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert status == 200, out
+    assert out["codes"] == argen.generate(model, feats[:1], cond_mask=mask[:1], seed=2, cfg_scale=2.0,
+                                          top_k=10).tolist()
+    with pytest.raises(ArgenError, match="caption_dim 32"):
+        PromptEncoder(str(t5), slots=6, dim=32)
+    with pytest.raises(ArgenError, match="T5 model directory not found"):
+        PromptEncoder(str(tmp_path / "missing"), slots=6, dim=24)
