@@ -1,7 +1,6 @@
 """The shard format: sample round trips, shard atomicity, manifest checks, local and real S3."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os

@@ -5,7 +5,6 @@ import argparse
 import sys
 
 from argen.config import load_config
-from argen.errors import ArgenError
 
 EPILOG = """\
 examples:
