@@ -172,3 +172,21 @@ def test_garbled_tar_header_is_caught_by_its_checksum(tmp_path):
     assert next(loader)["sample_id"].tolist() == [0, 1, 2, 3]      # shard 1 skipped: epoch 1 starts
     assert loader.stats()["corrupt_shards"] == 1
     loader.close()
+
+
+def test_fast_tar_walker_agrees_with_tarfile(tmp_path):
+    import io
+    import tarfile
+
+    prefix = str(tmp_path / "ds")
+    m = make_dataset(prefix, [6])
+    buf = open(os.path.join(prefix, m.shards[0].name), "rb").read()
+    fast = [(n, bytes(d)) for n, d in reader_mod._fast_members(buf)]
+    assert fast == [(n, bytes(d)) for n, d in reader_mod._tarfile_members(buf)] and len(fast) == 12
+    # an archive with a pax header is left to tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("0000000001.cls")
+        info.size, info.pax_headers = 1, {"comment": "x"}
+        tar.addfile(info, io.BytesIO(b"3"))
+    assert reader_mod._fast_members(out.getvalue()) is None

@@ -26,7 +26,7 @@ API (what the training loop uses)
 Order and resume contract
 -------------------------
 The order is fixed by (seed, epoch, rank, world size, shuffle_buffer, mixture weights) and the manifests; it does
-not depend on num_workers or the batch size (see sampler.py). The state counts samples: `position` (output
+not depend on num_workers, nor (without drop_last) on the batch size (see sampler.py). The state counts samples: `position` (output
 samples of this rank) and `consumed` per data set. Restoring it reproduces the uninterrupted run's batches exactly,
 also with a different num_workers or prefetch depth, and with a different batch size the same sample sequence. A
 different world size resumes at the same fraction of the epoch but not the same samples (logged as a warning).
@@ -36,9 +36,11 @@ Faults: a shard read that fails is retried with backoff (retry.py); confirmed-co
 samples are skipped, logged and counted in stats(); more than `max_corrupt_shards` distinct corrupt shards stop
 training with an ArgenError; a shard that stays unreadable after the retry budget is an ArgenError that names it.
 
-Who does what: fsspec/s3fs reach the storage (storage.py), `tarfile` streams the tars (as webdataset's
-tariterators do), shard_format.decode_sample decodes samples, torch DataLoader worker processes read blocks
-(a thread does it when num_workers=0), and this module assembles batches in the main process in a fixed order.
+Who does what: fsspec/s3fs fetch each shard whole with one GET (storage.py), a small tar header walker splits it
+(reader.py; Python's tarfile for anything unusual), shard_format.decode_sample decodes samples (with a fast path
+for the codes array), torch DataLoader worker processes read blocks (a thread does it when num_workers=0) while a
+thread per worker prefetches the next block's shards, and this module assembles batches in the main process in a
+fixed order.
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ class DataConfig:
     task: Literal["c2i", "t2i"] = "c2i"
     seed: int = 0
     shuffle: bool = True
-    shuffle_buffer: int = 4096       # samples per shuffle block (held in memory per block in flight)
+    shuffle_buffer: int = 4096       # minimum samples per shuffle block (whole shards; one block in memory per
+                                     # block in flight)
     num_workers: int = 2             # loader processes; 0 reads in a background thread
     prefetch_blocks: int = 2         # blocks queued per worker
     drop_last: bool = False

@@ -65,15 +65,14 @@ class ReadEvents:
 
 
 _BLOCK = 512
-_PLAIN_TYPES = (b"0", b"\0")
 
 
 def _fast_members(buf: bytes) -> Iterator[tuple[str, memoryview]] | None:
     """(name, data) of a plain tar in memory, parsed without tarfile (which costs ~70 us per member).
 
-    Handles what ShardWriter writes: regular files with short names. Returns None when the archive uses anything
-    else (long-name/pax records, base-256 sizes), and the caller falls back to tarfile. Header checksums are
-    verified (vectorised, after the walk), so a garbled header is reported, never trusted. Member data are
+    Handles what ShardWriter writes: regular files (and directories, skipped). Returns None when the archive uses
+    anything else (long-name/pax records, base-256 sizes), and the caller falls back to tarfile. Header checksums
+    are verified (vectorised, after the walk), so a garbled header is reported, never trusted. Member data are
     zero-copy views into `buf`.
     """
     n = len(buf)
@@ -81,42 +80,59 @@ def _fast_members(buf: bytes) -> Iterator[tuple[str, memoryview]] | None:
         raise CorruptShard("empty shard")
     view = memoryview(buf)
     heads: list[int] = []
-    stored: list[int] = []
     out: list[tuple[str, memoryview]] = []
     off = 0
     while off + _BLOCK <= n:
-        if buf[off] == 0 and buf.count(0, off, off + _BLOCK) == _BLOCK:
-            break                                        # end-of-archive marker
-        typeflag = buf[off + 156:off + 157]
-        if (typeflag not in _PLAIN_TYPES and typeflag != b"5") or buf[off + 124] & 0x80:
+        if buf[off] == 0:
+            if buf.count(0, off, off + _BLOCK) == _BLOCK:
+                break                                    # end-of-archive marker
+            raise CorruptShard(f"tar header without a name at byte {off}")
+        typeflag = buf[off + 156]
+        if typeflag not in (48, 0, 53):                  # "0", NUL (regular file), "5" (directory)
             return None
-        if buf[off + 345] != 0 and buf[off + 257:off + 263] == b"ustar\0":
-            return None                                  # POSIX name prefix: leave it to tarfile
         try:
-            size = int(buf[off + 124:off + 136].strip(b" \0") or b"0", 8)
-            stored.append(int(buf[off + 148:off + 156].strip(b" \0"), 8))
+            size = int(buf[off + 124:off + 135], 8)      # 11 octal digits, then NUL or space
         except ValueError:
-            raise CorruptShard(f"garbled tar header at byte {off}") from None
+            if buf[off + 124] & 0x80:
+                return None                              # base-256 size (> 8 GiB member): leave it to tarfile
+            try:
+                size = int(buf[off + 124:off + 136].strip(b" \0") or b"0", 8)
+            except ValueError:
+                raise CorruptShard(f"garbled tar header at byte {off}") from None
         heads.append(off)
         start = off + _BLOCK
         if start + size > n:
             raise CorruptShard(f"tar member at byte {off} is truncated")
-        if typeflag != b"5":
-            name = buf[off:off + 100].split(b"\0", 1)[0]
+        if typeflag != 53:
             try:
-                out.append((name.decode("utf-8"), view[start:start + size]))
+                out.append((buf[off:off + 100].split(b"\0", 1)[0].decode(), view[start:start + size]))
             except UnicodeDecodeError:
                 raise CorruptShard(f"garbled member name at byte {off}") from None
         off = start + -(-size // _BLOCK) * _BLOCK
     if heads:
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        hdrs = arr[np.asarray(heads)[:, None] + np.arange(_BLOCK)]   # (members, 512) uint8
-        # the checksum field counts as 8 spaces (np.add.reduceat with a dtype cast was 20x slower than this)
-        sums = hdrs.sum(1, dtype=np.int64) - hdrs[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
-        bad = np.flatnonzero(sums != np.asarray(stored))
-        if len(bad):
-            raise CorruptShard(f"tar header checksum mismatch at byte {heads[bad[0]]}")
+        _verify_checksums(buf, heads)
     return iter(out)  # no end marker is fine: the sample count check of the caller decides
+
+
+_OCTAL = 8 ** np.arange(5, -1, -1)
+
+
+def _verify_checksums(buf: bytes, heads: list[int]) -> None:
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    hdrs = arr[np.asarray(heads)[:, None] + np.arange(_BLOCK)]   # (members, 512) uint8
+    # the checksum field counts as 8 spaces (np.add.reduceat with a dtype cast was 20x slower than this)
+    sums = hdrs.sum(1, dtype=np.int64) - hdrs[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+    digits = hdrs[:, 148:154].astype(np.int64) - 48
+    if ((digits >= 0) & (digits < 8)).all():              # the usual "%06o\0 " field, parsed in one go
+        stored = digits @ _OCTAL
+    else:
+        try:
+            stored = np.asarray([int(bytes(h[148:156]).strip(b" \0") or b"-1", 8) for h in hdrs])
+        except ValueError:
+            raise CorruptShard("garbled tar header checksum field") from None
+    bad = np.flatnonzero(sums != stored)
+    if len(bad):
+        raise CorruptShard(f"tar header checksum mismatch at byte {heads[bad[0]]}")
 
 
 def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
