@@ -209,3 +209,13 @@ def test_unseeded_sampler_has_the_filtered_distribution(top_k, top_p, temp):
                                  top_k, top_p < 1, g, same_k=True, unit_temperature=temp == 1.0)
     freq = torch.bincount(toks, minlength=8).float() / m
     assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+
+
+def test_failing_compiled_step_falls_back_to_eager(c2i):
+    with Engine(c2i, max_batch=2) as eng:
+        def broken(*a, **k):
+            raise RuntimeError("simulated compiler failure")
+        eng._compiled, eng._step_fn = True, broken
+        got = eng.generate(Request([2], seed=1, cfg_scale=2.0), timeout=60)[0]
+        assert eng._step_fn is eng._decoder
+    assert torch.equal(got, argen.generate(c2i, torch.tensor([2]), seed=1, cfg_scale=2.0))

@@ -489,21 +489,21 @@ class Engine:
         self._sample(hidden.view(hi, 2, -1), None, jobs, {id(j): j.slot_index for j in jobs})
 
     def _call_decoder(self, tok, pos, km, length):
-        if self._compile_mode == "reduce-overhead" and self._compiled:
-            # each step starts a new CUDA-graph generation: the previous step's logits are consumed already
-            torch.compiler.cudagraph_mark_step_begin()
         if self._compile_mode and not self._compiled:
             self._compiled = True
-            try:
-                fn = torch.compile(self._decoder, mode=self._compile_mode, dynamic=bool(self.length_bucket))
-                out = fn(tok, pos, km, length)
-                self._step_fn = fn
-                return out
-            except Exception as e:  # noqa: BLE001 - an engine that runs eagerly beats one that does not run
-                log.warning("torch.compile of the decode step failed (%s: %s); running eagerly",
-                            type(e).__name__, e)
-                self._step_fn = self._decoder
-        return self._step_fn(tok, pos, km, length)
+            self._step_fn = torch.compile(self._decoder, mode=self._compile_mode, dynamic=bool(self.length_bucket))
+        if self._step_fn is self._decoder:
+            return self._decoder(tok, pos, km, length)
+        try:
+            if self._compile_mode == "reduce-overhead":
+                # each step starts a new CUDA-graph generation: the previous step's outputs are consumed already
+                torch.compiler.cudagraph_mark_step_begin()
+            return self._step_fn(tok, pos, km, length)
+        except Exception as e:  # noqa: BLE001 - an engine that runs eagerly beats one that does not run
+            # Safe to redo the step eagerly: its cache writes are idempotent (same values, same positions).
+            log.warning("compiled decode step failed (%s: %s); running eagerly from now on", type(e).__name__, e)
+            self._step_fn = self._decoder
+            return self._decoder(tok, pos, km, length)
 
     def _sample(self, pair_hidden: torch.Tensor, slot_t: torch.Tensor | None, jobs: list[_Job],
                 local_rows: dict[int, torch.Tensor]) -> None:
