@@ -137,6 +137,17 @@ def find_resume(cfg: VQTrainConfig) -> Path | None:
     return p
 
 
+def _check_inputs(cfg: VQTrainConfig) -> None:
+    if cfg.loss.perceptual_weight > 0:
+        from argen.model.lpips import LPIPS
+        LPIPS.check_dir(cfg.loss.lpips_dir)
+    if cfg.data.source == "folder" and not Path(cfg.data.path).is_dir():
+        raise ArgenError(f"data.path: image folder not found: {cfg.data.path}")
+    if cfg.data.source == "wds":
+        from argen.launcher.vq_data import expand_urls
+        expand_urls(cfg.data.path)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -152,6 +163,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(cfg.run_dir)
         self.dtype = torch.bfloat16 if t.precision == "bf16" else None
+        _check_inputs(cfg)  # fail on a bad path in seconds, before building models
         dev.manual_seed_all(t.seed)
         self.model = VQModel(cfg.model.build_config(cfg.data.image_size)).to(self.device)
         if cfg.model.init_from:

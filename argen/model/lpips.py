@@ -80,15 +80,21 @@ class LPIPS(nn.Module):
             total = total + lin((fx - fy) ** 2).float().mean(dim=(1, 2, 3))
         return total
 
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> "LPIPS":
-        """Load VGG16 features + LPIPS lin layers from `directory`; ArgenError naming any missing file."""
-        d = Path(directory) if directory else None
-        if d is None:
+    @staticmethod
+    def check_dir(directory: str | Path) -> Path:
+        """The weight directory if both files are there; else an ArgenError naming the missing files."""
+        if not directory:
             raise ArgenError(f"LPIPS needs local weights but loss.lpips_dir is empty; {HOW_TO_GET}")
+        d = Path(directory)
         missing = [str(d / f) for f in (VGG16_FILE, LIN_FILE) if not (d / f).is_file()]
         if missing:
             raise ArgenError(f"LPIPS weight file(s) missing: {', '.join(missing)}; {HOW_TO_GET}")
+        return d
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "LPIPS":
+        """Load VGG16 features + LPIPS lin layers from `directory`; ArgenError naming any missing file."""
+        d = cls.check_dir(directory)
         model = cls()
         vgg = _load_torch(d / VGG16_FILE)
         feats = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
