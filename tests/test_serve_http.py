@@ -304,3 +304,8 @@ def test_t2i_prompts_through_a_local_t5(tmp_path):
         PromptEncoder(str(t5), slots=6, dim=32)
     with pytest.raises(ArgenError, match="T5 model directory not found"):
         PromptEncoder(str(tmp_path / "missing"), slots=6, dim=24)
+
+
+def test_image_endpoint_takes_one_image(c2i_server):
+    status, _, body = Client(c2i_server[0]).request("GET", "/v1/image?class_labels=1,2")
+    assert status == 400 and "one image" in json.loads(body)["error"]

@@ -208,15 +208,16 @@ class ServeApp:
             try:
                 fut = self.engine.submit(req)
             except ArgenError as e:
-                status = HTTPStatus.SERVICE_UNAVAILABLE if "queue is full" in str(e) else HTTPStatus.BAD_REQUEST
+                busy = "queue is full" in str(e) or "closed" in str(e)
+                status = HTTPStatus.SERVICE_UNAVAILABLE if busy else HTTPStatus.BAD_REQUEST
                 raise HTTPError(status, str(e)) from None
             try:
                 res = fut.result(timeout=timeout)
             except FutureTimeout:
                 fut.cancel()  # the engine frees the request's slots at its next step
                 raise HTTPError(HTTPStatus.GATEWAY_TIMEOUT, f"generation did not finish within {timeout:g} s") from None
-            except ArgenError as e:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, str(e)) from None
+            except ArgenError as e:  # the engine stopped under this request
+                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, str(e)) from None
             out: dict[str, Any] = {"seed": res.seed, "grid": [self.cfg.grid, self.cfg.grid],
                                    "timing": {"queued_s": round(res.queued_s, 4), "run_s": round(res.run_s, 4),
                                               "total_s": round(time.monotonic() - t0, 4)}}
@@ -296,10 +297,10 @@ class Handler(BaseHTTPRequestHandler):
                 if self.app.vq is None:
                     raise bad("/v1/image needs a VQ decoder: start the server with --vq VQ_DIR")
                 body["format"] = "png"
-                out = self.app.generate(body)
-                if len(out["images"]) != 1:
+                if any(isinstance(v, list) and len(v) != 1 for v in body.values()):
                     raise bad("/v1/image returns one image: give one class_label or prompt (use POST /v1/generate "
                               "for several)")
+                out = self.app.generate(body)
                 return self._send(200, base64.b64decode(out["images"][0]), "image/png",
                                   {"X-Seed": str(out["seed"])})
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: GET {url.path}")
