@@ -420,6 +420,7 @@ def train(cfg: VQTrainConfig) -> dict:
     loader = make_loader(cfg.data, t.global_batch_size, tr.rank, tr.world, tr.step, t.seed)
     bar = tqdm(total=t.max_steps, initial=tr.step, desc="train vq", disable=not main, dynamic_ncols=True)
     window: dict[str, float] = {}
+    seen: dict[str, int] = {}
     n_window, t0, stopped = 0, time.perf_counter(), False
     last = {}
     while tr.step < t.max_steps:
@@ -427,10 +428,14 @@ def train(cfg: VQTrainConfig) -> dict:
         logs = tr.train_step(x)
         for k, v in logs.items():
             window[k] = window.get(k, 0.0) + v
+            seen[k] = seen.get(k, 0) + 1
         n_window += 1
         bar.update(1)
         if tr.step % t.log_every == 0 or tr.step == t.max_steps:
-            avg = _reduce_mean({k: v / n_window for k, v in window.items()}, tr.device)
+            # means over the steps that produced each value (loss_d only exists once the GAN is on);
+            # codes_restarted is a count, summed
+            avg = _reduce_mean({k: v if k == "codes_restarted" else v / seen[k] for k, v in window.items()},
+                               tr.device)
             counts = tr.counts.clone()
             if dist.is_initialized():
                 dist.all_reduce(counts)
@@ -441,7 +446,7 @@ def train(cfg: VQTrainConfig) -> dict:
             bar.set_postfix(rec=f"{avg['loss_rec']:.4f}", psnr=f"{avg['psnr_train']:.2f}",
                             usage=f"{avg['usage_window']:.3f}")
             last = avg
-            window, n_window, t0 = {}, 0, time.perf_counter()
+            window, seen, n_window, t0 = {}, {}, 0, time.perf_counter()
             tr.counts.zero_()
         if tr.step % t.grid_every == 0 and main:
             xr = tr.reconstruct(eval_x)
