@@ -121,7 +121,9 @@ def _worker_w4(rank, out, ck):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Single-process runs (plain PyTorch path) of the c2i and t2i test models."""
+    import signal
     from argen.launcher.train_gpt import train
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     root = tmp_path_factory.mktemp("ref")
     out = {}
     for mt in ("c2i", "t2i"):
@@ -129,6 +131,8 @@ def reference(tmp_path_factory):
         # reference uses the same micro-batch split as the pipeline run it is compared with
         cfg = tiny_cfg(root / mt, mt, train={"micro_batch": 4} if mt == "t2i" else {})
         out[mt] = (train(cfg)["losses"], _export(root / mt))
+    for s, h in saved.items():  # train() installed the preemption handlers; give pytest its own back
+        signal.signal(s, h)
     return out
 
 

@@ -12,6 +12,16 @@ import torch
 from tests.test_parallel import tiny_cfg
 
 
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers():
+    """train() installs the preemption handlers (USR1/TERM set a flag); put pytest's own back afterwards."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
 def _stop_at(step):
     def hook(s, _out):
         if s == step:

@@ -324,6 +324,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         t0 = time.perf_counter()
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in next(loader).items()} for _ in range(accum)]
         wait_log += time.perf_counter() - t0
+        lr = par.lr()  # the lr this step uses
         out = par.train_step(micro_batches)
         step += 1
         steps_log += 1
@@ -337,7 +338,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             el = time.perf_counter() - t_log
             tps = tokens_per_step * steps_log / el
             mfu = flops_tok * tps / (peak * layout.world_size) if peak else None
-            rec = {"step": step, "loss": out["loss"], "lr": par.lr(), "grad_norm": out["grad_norm"],
+            rec = {"step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
                    "tokens_per_s": tps, "samples_per_s": cfg.train.global_batch * steps_log / el,
                    "step_time_s": el / steps_log, "mfu": mfu, "data_wait_pct": 100.0 * wait_log / el,
                    "peak_mem_gb": dev.peak_memory_bytes(device) / 2 ** 30,
