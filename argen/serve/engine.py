@@ -359,7 +359,8 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            with torch.inference_mode():
+            # no_grad, not inference_mode: returned codes must be ordinary tensors a caller may train on
+            with torch.no_grad():
                 while not self._stop.is_set():
                     live = self.busy_slots > 0
                     self._drain_queue(block=not live and not self._pending)
