@@ -3,7 +3,8 @@
 One spawned 2-process group runs, in sequence: ZeRO-1/2/3 at DP=2 (ZeRO-2 with gradient accumulation), TP=2,
 PP=2 (c2i and t2i, whose caption mask travels between stages), an exact resume (stop at step 3 on a preemption
 request, resume from the checkpoint) and a resume under a different layout (DP=2 ZeRO-1 -> TP=2). One 4-process
-group runs TP=2 x PP=2 and a resume of the DP=2 checkpoint under TP=2 x PP=2. Every run goes through the real
+group runs TP=2 x PP=2, PP=2 x DP=2 with ZeRO-1 and accumulation, and a resume of the DP=2 checkpoint under
+TP=2 x PP=2. Every run goes through the real
 `train()` loop (launch detection, parallelize, checkpoint, export); the parent compares losses and the exported
 consolidated weights with a single-process run of the same model and data.
 """
@@ -110,6 +111,8 @@ def _worker_w4(rank, out, ck):
     out = Path(out)
     results: dict = {}
     _run("tp2pp2", out, tiny_cfg(out / "tp2pp2", parallel={"tp": 2, "pp": 2}, train={"micro_batch": 4}), results)
+    _run("pp2dp2_zero1", out, tiny_cfg(out / "pp2dp2", parallel={"pp": 2, "zero": 1}, train={"micro_batch": 2}),
+         results)
     _run("relayout_tp2pp2", out, tiny_cfg(out / "relayout_tp2pp2", parallel={"tp": 2, "pp": 2},
                                           train={"micro_batch": 4, "resume": ck}), results)
     if rank == 0:
@@ -182,6 +185,7 @@ def test_four_process_tp_pp_and_reshard(w2, reference, tmp_path_factory):
     res = json.loads((out / "results-w4.json").read_text())
     ref_losses, ref_w = reference["c2i"]
     assert_same_run(res["tp2pp2"], ref_losses, _export(out / "tp2pp2"), ref_w)
+    assert_same_run(res["pp2dp2_zero1"], ref_losses, _export(out / "pp2dp2"), ref_w)
     assert_same_run(res["relayout_tp2pp2"], ref_losses[3:], _export(out / "relayout_tp2pp2"), ref_w)
 
 

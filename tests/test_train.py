@@ -251,3 +251,19 @@ def test_data_must_fit_the_model(tmp_path):
         bad = tiny_cfg(tmp_path / "r", data={"url": str(tmp_path / "shards")}, model=over)
         with pytest.raises(ArgenError, match=key):
             check_manifest(bad, bad.model.gpt_config())
+
+
+@pytest.mark.timeout(120)
+def test_activation_checkpointing_keeps_the_numbers(tmp_path):
+    from safetensors.torch import load_file
+    runs = {}
+    for mode in ("off", "every_block", "every_n"):
+        res = _train(tiny_cfg(tmp_path / mode, parallel={"activation_checkpointing": mode, "checkpoint_every_n": 2},
+                              train={"max_steps": 3}))
+        runs[mode] = (res["losses"], load_file(str(tmp_path / mode / "exports" / "step-00000003" / "model.safetensors")))
+    for mode in ("every_block", "every_n"):
+        assert runs[mode][0] == runs["off"][0]
+        assert all(torch.equal(runs[mode][1][k], v) for k, v in runs["off"][1].items())
+    from argen.model.gpt import GPT, gpt_config
+    from argen.parallel.parallelize import apply_activation_checkpointing
+    assert apply_activation_checkpointing(GPT(gpt_config("GPT-small")), "every_n", 2) == 3  # blocks 0, 2, 4 of 6

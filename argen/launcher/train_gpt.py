@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     logger.info(f"{gcfg.name} {gcfg.model_type} ({n_params / 1e6:.1f}M params) "
                 f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={layout.zero} "
                 f"engine={'deepspeed' if use_ds else 'torch'} micro={micro} accum={accum} "
-                f"precision={cfg.train.precision} device={device.type}"
+                f"precision={cfg.train.precision} device={device.type} git={logger.revision[:12]}"
                 + (f"; resumed from {resume} at step {step}" if resume else ""))
     flops_tok = flops_per_token(gcfg)
     peak = dev.peak_flops(device)
