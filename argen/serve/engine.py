@@ -433,7 +433,7 @@ class Engine:
 
     def _prefill(self, jobs: list[_Job]) -> None:
         m = self.model
-        conds, nulls, masks, slots = [], [], [], []
+        conds, masks, slots = [], [], []
         for j in jobs:
             conds.append(j.cond)
             if j.cond_mask is not None:
