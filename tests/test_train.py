@@ -213,7 +213,6 @@ def test_cli_print_config_and_vq_dispatch(capsys, monkeypatch, tmp_path):
 def test_recipes_load_with_reference_hyperparameters():
     from argen.config import load_config
     from argen.launcher.train_config import TrainConfig
-    from argen.model.gpt import count_parameters, GPT  # noqa: F401
     for name, model in [("gpt-b", "GPT-B"), ("gpt-l", "GPT-L"), ("gpt-xl", "GPT-XL"), ("gpt-3b", "GPT-3B"),
                         ("t2i-xl-stage1", "GPT-XL"), ("t2i-xl-stage2", "GPT-XL")]:
         cfg = load_config(TrainConfig, f"configs/{name}.yaml")

@@ -98,7 +98,6 @@ def _has_zero_mapping(p) -> bool:
 def local_full_state(par) -> dict[str, torch.Tensor]:
     """{'param.NAME', 'exp_avg.NAME', 'exp_avg_sq.NAME'} for this rank's TP/PP slice, complete over DP shards.
     A collective over the data-parallel group under ZeRO: every rank must call it."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: F401 (lazy)
     out: dict[str, torch.Tensor] = {}
     base_opt = par.optimizer if par.engine is None else _ds_opt(par)
     _relink(par)

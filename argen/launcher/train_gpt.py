@@ -23,7 +23,7 @@ from argen.launcher import dist_env, preemption
 from argen.launcher.metrics_log import MetricsLogger, flops_per_token
 from argen.launcher.train_config import TrainConfig
 from argen.model.gpt import GPT, GPTConfig
-from argen.parallel import Layout, parallelize, resolve_layout
+from argen.parallel import parallelize, resolve_layout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,8 +243,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     layout = resolve_layout(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.zero, env.world_size)
     coords = layout.coords(env.rank)
     micro, accum = batch_split(cfg.train.global_batch, cfg.train.micro_batch, layout.dp)
-    if layout.pp > 1 and accum < layout.pp:
-        pass  # allowed (the pipeline just runs with bubbles); more micro-batches than stages keeps it busy
     gcfg = cfg.model.gpt_config()
     run_dir = Path(cfg.run_dir)
     is_main = env.rank == 0
