@@ -335,8 +335,10 @@ class ShardLoader:
             raise RuntimeError(f"loader schedule out of step: expected block {(d, e, b, off)}, got "
                                f"{(item['component'], item['epoch'], item['block'], item['offset'])}")
         self._account(item["events"])
-        item["present_np"] = item["present"].numpy()
-        item["n"] = len(item["present_np"])
+        meta = item.pop("meta").numpy()       # columns packed by reader.read_block
+        item["labels"], item["sample_id"], item["aug"], item["feat_lens"] = meta[:, 0], meta[:, 2], meta[:, 3], meta[:, 4]
+        item["present_np"] = meta[:, 1].astype(bool)
+        item["n"] = len(meta)
         return item
 
     def _account(self, ev: ReadEvents) -> None:

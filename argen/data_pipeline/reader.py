@@ -191,8 +191,8 @@ def _read_segment(url: str, seg: Segment, counter: list[int], raw: Future | None
 
 
 class _CodesDecoder:
-    """Fast path for the codes member: compare the .npy header with the one np.save writes for the manifest's
-    shape and dtype, then view the payload; anything else goes through shard_format.decode_sample."""
+    """Fast path for the codes member: a member whose .npy header is byte-identical to the one np.save writes for
+    the manifest's shape and dtype is read as raw uint16; anything else goes through shard_format.decode_sample."""
 
     def __init__(self, n_aug: int, seq_len: int):
         buf = io.BytesIO()
@@ -201,11 +201,6 @@ class _CodesDecoder:
         self.header = whole[: len(whole) - n_aug * seq_len * 2]
         self.size = len(whole)
         self.shape = (n_aug, seq_len)
-
-    def codes(self, data: bytes | memoryview) -> np.ndarray | None:
-        if len(data) == self.size and data[:len(self.header)] == self.header:
-            return np.frombuffer(data, dtype=np.uint16, offset=len(self.header)).reshape(self.shape)
-        return None
 
 
 def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task: str,
@@ -246,20 +241,30 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
     feats: list[torch.Tensor] = []
     fast_codes = _CodesDecoder(src.n_aug, src.seq_len)
     augs = block.augs[offset:].tolist()
+    # c2i fast path: payloads of well-formed codes members are joined and sliced in one numpy gather
+    fast_rows: list[int] = []
+    fast_payloads: list[memoryview] = []
+    hlen = len(fast_codes.header)
     for k in range(n):
         m = members[order[k]]
         if m is None:
             continue
+        if task == "c2i":
+            c, cls = m.get("codes.npy"), m.get("cls")
+            if c is not None and cls is not None and len(c) == fast_codes.size and c[:hlen] == fast_codes.header:
+                try:
+                    labels[k] = int(bytes(cls))
+                except ValueError:
+                    ev.bad_samples += 1
+                    continue
+                fast_rows.append(k)
+                fast_payloads.append(c[hlen:])
+                present[k] = True
+                continue
         try:
-            fast = fast_codes.codes(m["codes.npy"]) if task == "c2i" and "codes.npy" in m else None
-            if fast is not None:
-                row = fast[augs[k]]
-                label = int(bytes(m["cls"])) if "cls" in m else None
-                t5 = None
-            else:
-                s = shard_format.decode_sample({name: v if name == "__key__" else bytes(v) for name, v in m.items()},
-                                               src.t5_dtype, (src.n_aug, src.seq_len))
-                row, label, t5 = s.codes[augs[k]], s.label, s.t5
+            s = shard_format.decode_sample({name: v if name == "__key__" else bytes(v) for name, v in m.items()},
+                                           src.t5_dtype, (src.n_aug, src.seq_len))
+            row, label, t5 = s.codes[augs[k]], s.label, s.t5
             if task == "c2i" and label is None:
                 raise CorruptShard("no class label (.cls member)")
         except Exception as e:  # one undecodable sample is dropped and counted, the rest of the block is kept
@@ -279,6 +284,10 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
                 continue
             feats.append(t5)
             feat_lens[k] = t5.shape[0]
+    if fast_rows:
+        rows = np.asarray(fast_rows)
+        allcodes = np.frombuffer(b"".join(fast_payloads), dtype=np.uint16).reshape(len(rows), src.n_aug, src.seq_len)
+        codes[rows] = allcodes[np.arange(len(rows)), np.asarray(augs)[rows]]
     if n:  # codes outside the codebook: garbled bytes that still parse; checked once per block
         over = present & (codes.max(axis=1) >= src.codebook_size)
         if over.any():
@@ -287,13 +296,13 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
     ev.read_s = time.perf_counter() - t0
     item: dict[str, Any] = {
         "component": block.component, "epoch": block.epoch, "block": block.index, "offset": offset,
-        "codes": torch.from_numpy(codes), "labels": torch.from_numpy(labels), "present": torch.from_numpy(present),
-        "sample_id": torch.from_numpy(np.ascontiguousarray(block.sample_ids[offset:])),
-        "aug": torch.from_numpy(np.ascontiguousarray(block.augs[offset:])),
+        "codes": torch.from_numpy(codes),
+        # one tensor for the per-sample columns: each tensor costs a shared-memory hand-over between processes
+        "meta": torch.from_numpy(np.stack([labels, present.astype(np.int64), block.sample_ids[offset:],
+                                           block.augs[offset:], feat_lens.astype(np.int64)], axis=1)),
         "events": ev,
     }
     if task == "t2i":
         dim = src.t5_dim or (feats[0].shape[1] if feats else 0)
-        item["feat_lens"] = torch.from_numpy(feat_lens)
         item["feats"] = torch.cat(feats) if feats else torch.zeros((0, dim), dtype=torch.bfloat16)
     return item
