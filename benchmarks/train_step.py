@@ -8,7 +8,8 @@ clip_grad_norm_(1.0), AdamW (0.9, 0.95, wd 0.05 on ndim >= 2) .step(), zero_grad
 argen: (a) `parallelize(...)` single-process path and its `train_step` on the same batch (the machinery the loop
 drives; with tp = pp = dp = 1 neither megatron nor DeepSpeed is touched); (b) the whole `argen train` loop
 (synthetic code data, metrics, no checkpoints) for the same number of steps, which adds data and logging.
-Rounds alternate baseline and argen so load on a shared machine hits both alike; the median step time is reported.
+Rounds alternate baseline and argen (and which goes first) so load on a shared machine hits both alike; the
+median step time is reported.
 
 GPU section (when an accelerator is present): tokens/s and MFU of argen's single-process step for GPT-B/L/XL,
 bf16 autocast, with MFU = flops_per_token (6 N_matmul + causal attention, see argen.launcher.metrics_log) x tokens/s
@@ -114,9 +115,12 @@ def cpu_section(args):
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     tokens = args.batch * cfg.block_size
     base, ours = [], []
-    for _ in range(args.rounds):
-        base += baseline_steps(cfg, codes, labels, args.steps, device, dtype)[1:]  # first step warms up
+    for r in range(args.rounds):  # alternate which side goes first; the first step of each run warms up
+        if r % 2 == 0:
+            base += baseline_steps(cfg, codes, labels, args.steps, device, dtype)[1:]
         ours += argen_steps(cfg, codes, labels, args.steps, device, args.precision)[1:]
+        if r % 2 == 1:
+            base += baseline_steps(cfg, codes, labels, args.steps, device, dtype)[1:]
     b_tps, a_tps = tokens / statistics.median(base), tokens / statistics.median(ours)
     n = sum(p.numel() for p in GPT(cfg).parameters())
     print(f"CPU  {args.model} ({n / 1e6:.1f}M params) {args.image_size}px batch {args.batch} x {cfg.block_size} tokens, "
@@ -157,7 +161,7 @@ def main():
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-loop", action="store_true", help="skip the whole-loop measurement")
     ap.add_argument("--gpu-only", action="store_true")
