@@ -234,7 +234,7 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
 
     order = block.order[offset:].tolist()
     n = len(order)
-    codes = np.zeros((n, src.seq_len), dtype=np.int32)
+    codes = np.zeros((n, src.seq_len), dtype=np.uint16)   # the stored dtype: half the bytes between processes
     present = np.zeros(n, dtype=bool)
     labels = np.full(n, -1, dtype=np.int64)
     feat_lens = np.zeros(n, dtype=np.int32)
