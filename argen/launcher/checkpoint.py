@@ -100,16 +100,20 @@ def local_full_state(par) -> dict[str, torch.Tensor]:
     A collective over the data-parallel group under ZeRO: every rank must call it."""
     out: dict[str, torch.Tensor] = {}
     base_opt = par.optimizer if par.engine is None else _ds_opt(par)
+    keep = par.dp_rank == 0  # the writer; the other data-parallel ranks only take part in the gathers
     _relink(par)
     for name, p in par.local_named_params():
         if par.engine is not None and _has_zero_mapping(p):
             from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-            out[f"param.{name}"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+            v = safe_get_full_fp32_param(p)
+            if keep:
+                out[f"param.{name}"] = v.detach().float().cpu().clone()
             for k in OPT_KEYS:
                 v = safe_get_full_optimizer_state(p, k)
-                out[f"{k}.{name}"] = (v.detach().float().cpu().clone() if v is not None
-                                      else torch.zeros(p.shape, dtype=torch.float32))
-        else:
+                if keep:
+                    out[f"{k}.{name}"] = (v.detach().float().cpu().clone() if v is not None
+                                          else torch.zeros(p.shape, dtype=torch.float32))
+        elif keep:
             out[f"param.{name}"] = p.detach().float().cpu().clone()
             state = base_opt.state.get(p, {}) if hasattr(base_opt, "state") else {}
             for k in OPT_KEYS:
@@ -123,8 +127,9 @@ def local_full_state(par) -> dict[str, torch.Tensor]:
 # save
 
 def save(run_dir: Path, step: int, par, trainer_state: dict, rank_state: dict, layout_info: dict,
-         keep: int = 0) -> Path:
-    """Write checkpoint `step-XXXXXXXX` (all ranks call this)."""
+         keep: int = 0, universal: bool = True) -> Path:
+    """Write checkpoint `step-XXXXXXXX` (all ranks call this). `universal=False` skips the layout-free copy
+    (DeepSpeed's files only: a same-layout resume still works, re-sharding and exports of it do not)."""
     root = run_dir / "checkpoints"
     tag = tag_for(step)
     ckpt = root / tag
@@ -136,8 +141,8 @@ def save(run_dir: Path, step: int, par, trainer_state: dict, rank_state: dict, l
     _barrier()
     if par.engine is not None:
         par.engine.save_checkpoint(str(root), tag=tag, client_state={"argen_step": step}, save_latest=False)
-    full = local_full_state(par)
-    if par.dp_rank == 0:
+    full = local_full_state(par) if (universal or par.engine is None) else None
+    if full is not None and par.dp_rank == 0:
         buffers = {}
         if par.pp_rank == 0 and par.tp_rank == 0:
             buffers = {f"buffer.{k}": v.detach().float().cpu().contiguous()
@@ -173,7 +178,8 @@ def read_universal(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[
     layout = read_json(ckpt, "layout.json")
     files = sorted((ckpt / "argen" / "universal").glob("params-pp*-tp*.safetensors"))
     if not files:
-        raise ArgenError(f"{ckpt}: no universal parameter files")
+        raise ArgenError(f"{ckpt} has no layout-free copy (saved with train.universal_checkpoint=false): resume it "
+                         f"with its own layout {json.dumps({k: layout[k] for k in ('tp', 'pp', 'dp', 'zero')})}")
     by_tp: dict[str, dict[int, torch.Tensor]] = {}
     buffers: dict[str, torch.Tensor] = {}
     for f in files:

@@ -144,6 +144,10 @@ class TrainSection:
     checkpoint_every: int = 5000         # steps; 0 = only at the end and on preemption
     keep_checkpoints: int = 3            # newest N kept (0 = keep all)
     export_every: int = 0                # consolidated export every N steps (0 = with each checkpoint)
+    # the layout-free copy (fp32 weights + AdamW moments per stage/TP rank) that makes re-sharding resumes and
+    # exports possible; at multi-billion scale its writer rank holds its shard's fp32 state in host memory while
+    # saving. Off: DeepSpeed's own files only (same-layout resume), no exports from the engine path.
+    universal_checkpoint: bool = True
     resume: str = "auto"                 # auto | none | a checkpoint directory
     compile: bool = False                # torch.compile the blocks (single-process path)
 

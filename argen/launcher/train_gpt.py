@@ -366,9 +366,11 @@ def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict,
                      "scheduler": {"last_epoch": step}}
     rank_state = {"rng": dev.rng_state(), "data": loader.state_dict(),
                   "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema is not None else None}
-    path = ckpt_io.save(run_dir, step, par, trainer_state, rank_state, layout_info, keep=cfg.train.keep_checkpoints)
+    path = ckpt_io.save(run_dir, step, par, trainer_state, rank_state, layout_info, keep=cfg.train.keep_checkpoints,
+                        universal=cfg.train.universal_checkpoint)
+    has_universal = cfg.train.universal_checkpoint or par.engine is None
     export_every = cfg.train.export_every or cfg.train.checkpoint_every
-    if is_main and (not export_every or step % export_every == 0 or step == cfg.train.max_steps):
+    if is_main and has_universal and (not export_every or step % export_every == 0 or step == cfg.train.max_steps):
         export(cfg, path, step, ema_shadow=None)
     if ema is not None:
         _export_ema(cfg, par, ema, step)
