@@ -113,8 +113,8 @@ def bench_reference(root: str, n: int, batch: int, workers: int, seconds: float)
     return out
 
 
-def bench_argen(url: str, batch: int, workers: int, seconds: float) -> tuple[float, float]:
-    loader = build_loader(DataConfig(url=url, num_workers=workers, shuffle_buffer=1024, prefetch_blocks=2),
+def bench_argen(url: str, batch: int, workers: int, seconds: float, shuffle_buffer: int) -> tuple[float, float]:
+    loader = build_loader(DataConfig(url=url, num_workers=workers, shuffle_buffer=shuffle_buffer, prefetch_blocks=2),
                           0, 1, batch)
     out = timed(loader, seconds, batch)
     loader.close()
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=6.0, help="steady-state time measured per loader and round")
+    ap.add_argument("--shuffle-buffer", type=int, default=1024, help="argen's data.shuffle_buffer")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each loader counts")
     ap.add_argument("--compression", choices=sf.COMPRESSIONS, default="gzip",
                     help="shard compression (gzip is the tokenizer default; codes compress poorly)")
@@ -186,9 +187,9 @@ def main() -> None:
         ref_runs, loc_runs, s3_runs = [], [], []
         for _ in range(args.rounds):
             ref_runs.append(bench_reference(root, args.samples, args.batch, args.workers, args.seconds))
-            loc_runs.append(bench_argen(shards, args.batch, args.workers, args.seconds))
+            loc_runs.append(bench_argen(shards, args.batch, args.workers, args.seconds, args.shuffle_buffer))
             if s3_prefix:
-                s3_runs.append(bench_argen(s3_prefix, args.batch, args.workers, args.seconds))
+                s3_runs.append(bench_argen(s3_prefix, args.batch, args.workers, args.seconds, args.shuffle_buffer))
         ref_first, ref = min(r[0] for r in ref_runs), max(r[1] for r in ref_runs)
         loc_first, loc = min(r[0] for r in loc_runs), max(r[1] for r in loc_runs)
         print(f"reference (.npy per sample, map-style Dataset): {ref:8.0f} samples/s   first batch {ref_first:5.2f}s"
