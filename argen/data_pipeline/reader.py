@@ -1,9 +1,12 @@
-"""Reading one planned block: its shard segments through fsspec, decoded, permuted, one augmentation per sample.
+"""Reading one planned block: its shards through fsspec, split, decoded, permuted, one augmentation per sample.
 
-Runs inside loader workers (or the prefetch thread). The tar parsing is `tarfile` in stream mode, as in
-webdataset's tariterators, but the sample grouping is ours: a block needs samples [lo, hi) of a shard, so members
-before `lo` are passed over without being decoded and reading stops at `hi` (a shard read for a block at its end
-costs only its prefix). Decoding of members is shard_format.decode_sample, the format's one reader.
+Runs inside loader workers (or the prefetch thread). A block is made of whole shard segments (sampler.py), so
+each shard is fetched whole with one GET and, if gzip, inflated at C speed. A small header walker splits the tar
+(the plain GNU/ustar members that ShardWriter writes, header checksums verified); anything unusual goes through
+Python's tarfile, the parser webdataset's tariterators use. Grouping members into samples is ours, because a
+segment is samples [lo, hi) of a shard. Decoding is shard_format.decode_sample, the format's one reader, with a
+fast path for well-formed codes members. Format errors raise retry.CorruptShard-like errors, which retry.py
+confirms with a second read before a shard is skipped.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import tarfile
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
