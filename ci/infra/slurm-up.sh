@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slurm-up.sh - bring up a real, local Slurm cluster on this one machine for argen's CI and
 # development (Debian 12, root, no systemd, no cgroup plugins). Idempotent: safe to run again.
-# Adapted from shared/reference/infra/slurm-up.sh (see docs/slurm.md, "Local cluster").
+# Adapted from shared/reference/infra/slurm-up.sh (see the README, "Local cluster for development and CI").
 #
 #   SLURM_NODES=2            emulated compute nodes n1..nN (multiple-slurmd, all on 127.0.0.1)
 #   SLURM_CPUS_PER_NODE=2    CPUs each node advertises (may exceed nproc)
