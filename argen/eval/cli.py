@@ -55,7 +55,7 @@ def protocol_from_args(args):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="argen eval", description=(
         "Evaluate generators with the ADM evaluator's metric definitions (FID, sFID, IS, precision/recall) on a "
-        "torch Inception-V3 loaded from a local weight file, plus CLIP score for text-to-image. See the README, "Evaluation"."))
+        "torch Inception-V3 loaded from a local weight file, plus CLIP score for text-to-image. See the README, 'Evaluation'."))
     sub = p.add_subparsers(dest="command", metavar="{sample,score,watch,reconstruct}")
 
     s = sub.add_parser("sample", help="generate N images from a GPT export into an .npz (all ranks)",

@@ -298,6 +298,6 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
     if not p.is_file():
         raise ArgenError(
             f"Inception weights not found at {p}. Download {WEIGHTS_URL} on a machine with internet, copy it there "
-            f"(or pass --inception PATH, or set {WEIGHTS_ENV}); see the README, "Weight files")
+            f"(or pass --inception PATH, or set {WEIGHTS_ENV}); see the README, 'Weight files'")
     net, digest = _load_cached(str(p.resolve()), p.stat().st_mtime)
     return net.to(device), digest

@@ -4,7 +4,7 @@ The model is analytic (no GPU needed): it counts the bytes each rank holds for p
 states under ZeRO 0/1/2/3, the ZeRO working buffers, and the activations autograd saves for backward in this GPT
 (argen/model/gpt.py), op by op, plus the transient tensors at the three moments that can set the peak (the
 cross-entropy backward at the head, the backward of a transformer block, the optimizer step). Its formulas are
-written out in the README ("argen plan"). `measure_training_step` measures the same quantity on CPU (live tensor bytes, tracked
+written out in the README ('argen plan'). `measure_training_step` measures the same quantity on CPU (live tensor bytes, tracked
 with a TorchDispatchMode) so tests and benchmarks/plan_accuracy.py can compare the two.
 
 Layout rules (the same ones `argen train` enforces): tp * pp * dp = gpus, n_head % tp == 0, n_layer % pp == 0, and
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from argen.errors import ArgenError
+from argen.parallel.topology import Layout
 from argen.model.gpt import GPT_SIZES, GPTConfig, gpt_config
 
 GiB = 1024 ** 3
@@ -27,19 +28,6 @@ DEFAULT_HEADROOM = 0.10          # fraction of GPU memory kept free: CUDA contex
 # ---------------------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    zero: int = 0
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def __str__(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero}"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="argen plan",
         description="Predict per-GPU memory (parameters, gradients, AdamW states under ZeRO 0/1/2/3, activations "
                     "with and without checkpointing) of a tp x pp x dp layout, or, with --gpus alone, list the "
-                    "layouts that fit, ranked by expected throughput. The formulas are in the README, "argen plan".",
+                    "layouts that fit, ranked by expected throughput. The formulas are in the README, 'argen plan'.",
         epilog="examples:\n  argen plan --model GPT-3B --gpus 64\n"
                "  argen plan --model GPT-3B --gpus 64 --tp 2 --zero 1 --micro-batch 4\n"
                "  argen plan --model GPT-XL --model-type t2i --image-size 512 --dp 8 --activation-checkpointing full",
@@ -108,7 +108,7 @@ def layout_table(cfg, layout: P.Layout, s: P.Settings, gpu_mem: float, headroom:
     full = P.layer_activation_bytes(cfg, s.micro_batch, layout.tp, s)
     ck = P.checkpointed_layer_bytes(cfg, s.micro_batch, s)
     text = "\n".join([
-        f"layout {layout} ({layout.gpus} GPUs), " + _settings_line(s, chosen),
+        f"layout {layout} ({layout.world_size} GPUs), " + _settings_line(s, chosen),
         f"heaviest pipeline stage: {chosen.stage} (holds {chosen.in_flight} micro-batch(es) of activations)",
         "",
         *lines,
@@ -193,7 +193,7 @@ def _suggest(cfg, args, base: P.Settings) -> int:
         print(f"{i:>3} {lt.tp:>3} {lt.pp:>3} {lt.dp:>4} {lt.zero:>5} {P.checkpointing_name(st.checkpointing):>9} "
               f"{st.micro_batch:>6} {e.micro_batches:>6} {e.total / P.GiB:>9.2f} {sg.score:>6.3f}")
     print(f"\n{len(sugg)} layouts fit (showing {min(args.top, len(sugg))}). score = expected relative throughput: "
-          "recompute, pipeline bubble, tp communication, ZeRO-3 gathers and micro-batch size (README, "argen plan").")
+          "recompute, pipeline bubble, tp communication, ZeRO-3 gathers and micro-batch size (README, 'argen plan').")
     best = sugg[0]
     print("\nbest layout in detail:")
     text, _ = layout_table(cfg, best.layout, best.estimate.settings, args.gpu_mem, args.headroom)

@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="argen submit", description=__doc__.split("\n\n")[0],
         epilog="Templates: slurm/*.sbatch (edit them, or point ARGEN_SLURM_TEMPLATES at your own copies). "
-               "See the README, "Running argen on Slurm".", formatter_class=argparse.RawDescriptionHelpFormatter)
+               "See the README, 'Running argen on Slurm'.", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="{train,tokenize,eval-cron,scaling,status}")
 
     t = sub.add_parser("train", help="submit a (multi-node) training job that checkpoints and requeues on preemption",

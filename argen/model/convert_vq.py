@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from argen.errors import ArgenError
+from argen.model.io import load_state_strict, save
 from argen.model.vq import VQModel, vq_config
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -61,24 +62,11 @@ def convert_llamagen_vq(src_path: str | Path, out_dir: str | Path, model_name: s
     cfg = vq_config(model_name, codebook_size=int(emb.shape[0]), codebook_embed_dim=int(emb.shape[1]))
     model = VQModel(cfg)
     expected = model.state_dict()
+    # the usage monitor is optional in released files: start it empty rather than failing
     usage_missing = [b for b in _BUFFERS if b in expected and b not in state]
-    missing = sorted(set(expected) - set(state) - set(usage_missing))
-    unexpected = sorted(set(state) - set(expected))
-    bad = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:4]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
-        if bad:
-            k = bad[0]
-            parts.append(f"shape mismatch for {k}: file {tuple(state[k].shape)} vs {model_name} "
-                         f"{tuple(expected[k].shape)}")
-        raise ArgenError(f"{src_path} does not match {model_name}: " + "; ".join(parts)
-                         + " (wrong --model? VQ-16 has 344 keys, VQ-8 300)")
-    new_state = {k: state[k].to(expected[k].dtype) if k in state else expected[k] for k in expected}
-    model.load_state_dict(new_state, strict=True)
-    from argen.model.io import save
+    state = {**{b: expected[b] for b in usage_missing},
+             **{k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}}
+    load_state_strict(model, state, f"{src_path} does not match {model_name} (wrong --model? VQ-16 has 344 keys, "
+                                    "VQ-8 300)")
     return save(model.eval(), out_dir, {"source": str(src_path), "converted_from": "llamagen", "weights": where,
                                         "usage_buffer": "empty" if usage_missing else "copied"})

@@ -22,6 +22,9 @@ class Layout:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero}"
+
     @property
     def is_single(self) -> bool:
         return self.world_size == 1

@@ -19,7 +19,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="argen serve", description="Serve a GPT checkpoint over HTTP: POST /v1/generate (codes or PNG), "
-        "GET /v1/image (one PNG), GET /v1/info, GET /healthz. See the README, "Fast sampling and serving".")
+        "GET /v1/image (one PNG), GET /v1/info, GET /healthz. See the README, 'Fast sampling and serving'.")
     ap.add_argument("ckpt", help="GPT model directory (config.json + model.safetensors)")
     ap.add_argument("--port", type=int, default=8000, help="TCP port (0 = pick a free one and print it)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept remote clients)")
