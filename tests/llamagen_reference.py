@@ -7,7 +7,6 @@ parameter/key names exactly as the released checkpoints. Not part of the argen p
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

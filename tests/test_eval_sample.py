@@ -16,12 +16,6 @@ from argen.model.gpt import GPT, GPTConfig
 from argen.model.vq import VQ_SIZES, VQModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def save_tiny_models(root, *, gpt_name="GPT-test", step=None):

@@ -29,13 +29,6 @@ def _images(rng, n, size=16, shift=0):
     return np.clip(base + shift, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI box is 2 shared cores; intra-op threads fighting each other make these tiny convolutions 5x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,6 @@ from tests.test_eval_sample import save_tiny_models
 from tests.test_eval_score import save_tiny_inception
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_export(run, step, variant=""):

@@ -15,13 +15,6 @@ from argen.serve.text import right_align
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a shared 2-core machine: spinning OpenMP threads of several processes slow everyone ~10x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_gpt(model_type="c2i", seed=0, image_size=64, **over) -> GPT:

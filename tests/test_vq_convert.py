@@ -10,12 +10,6 @@ from argen.model.convert_vq import convert_llamagen_vq
 from argen.model.vq import VQ_SIZES, VQModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _reference_checkpoint(path, prefix=""):

@@ -12,12 +12,6 @@ from argen.errors import ArgenError
 from argen.launcher.vq_data import VQDataConfig, make_loader, random_crop_flip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_reference_random_crop_range_and_flip():

@@ -10,13 +10,6 @@ from argen.model.vq_losses import (VQLoss, VQLossConfig, adaptive_weight, hinge_
                                    non_saturating_d_loss, non_saturating_g_loss, vanilla_d_loss)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: OpenMP spin-waiting on a shared 2-core machine costs 50x; one thread is fastest
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(seed=0):

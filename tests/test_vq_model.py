@@ -10,13 +10,6 @@ from argen.model.lpips import vgg16_features
 from argen.model.vq import VQ_SIZES, VectorQuantizer, VQConfig, VQModel, count_parameters, vq_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: OpenMP spin-waiting on a shared 2-core machine costs 50x; one thread is fastest
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _meta(name):

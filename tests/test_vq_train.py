@@ -15,13 +15,6 @@ from argen.model.vq import VQ_SIZES, VQModel
 from argen.model.vq_losses import VQLoss, VQLossConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: OpenMP spin-waiting on a shared 2-core machine costs 50x; one thread is fastest
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(run_dir, disc_start=2, **train_over):

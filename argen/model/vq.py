@@ -14,7 +14,7 @@ VQ-8 70,109,835. Deliberate deviations, all invisible to the weights:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
