@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), PYTHONUNBUFFERED="1")
-    vq_steps, gpt_steps, n_images = (120, 80, 400) if args.quick else (500, 400, 2000)
+    vq_steps, gpt_steps, n_images = (120, 150, 400) if args.quick else (500, 2000, 2000)
     n_eval = 50 if args.quick else args.eval_images
     t0 = time.time()
 
@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
     gpt = _latest_export(gpt_run)
     if gpt is None:
         _run("3/5 train the GPT from the shards", ["train", "configs/gpt-tiny.yaml", f"run_dir={gpt_run}",
-                                                   f"data.url={codes}", f"train.max_steps={gpt_steps}", *grid_args], env)
+                                                   f"data.url={codes}", f"train.max_steps={gpt_steps}", "train.global_batch=32",
+                                                   "train.checkpoint_every=1000", *grid_args], env)
         gpt = _latest_export(gpt_run)
         if gpt is None:
             raise ArgenError(f"the GPT run left no export under {gpt_run}/exports")
