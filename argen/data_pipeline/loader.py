@@ -293,6 +293,10 @@ class ShardLoader:
                 raise ArgenError(f"mixture data sets disagree on T5 feature size: {first.t5_dim} vs {s.t5_dim}")
 
     # ------------------------------------------------------------------------------------------ pipeline
+    @property
+    def urls(self) -> list[str]:
+        return [getattr(src, "url", "") for src in self.sources]
+
     def _start(self) -> None:
         stream = _BlockStream(self.sources, self.plans, self.mixture, self.position, list(self.consumed),
                               self.cfg.retry, self.task)
@@ -300,9 +304,14 @@ class ShardLoader:
         self._cursor = [0] * len(self.sources)
         self._stash = [collections.deque() for _ in self.sources]
         if self.cfg.num_workers > 0:
+            # Forked workers inherit the parent's s3fs/aiohttp sessions, bound to the parent's event loop; closing
+            # them in the child prints "attached to a different loop" tracebacks. Remote data sets therefore start
+            # their workers from a clean forkserver process (a second or two of start-up per epoch).
+            remote = any(_is_remote(u) for u in self.urls)
             self._dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                                                    prefetch_factor=self.cfg.prefetch_blocks,
-                                                   collate_fn=_identity, persistent_workers=False)
+                                                   collate_fn=_identity, persistent_workers=False,
+                                                   multiprocessing_context="forkserver" if remote else None)
             self._it = iter(self._dl)
         else:
             self._it = _ThreadPrefetcher(stream.blocks(0, 1), self.cfg.prefetch_blocks)
@@ -514,3 +523,7 @@ class ShardLoader:
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> ShardLoader:
     """The training loader for this data-parallel rank (see the module docstring)."""
     return ShardLoader(cfg, rank, world_size, batch_size)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
