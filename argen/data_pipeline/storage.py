@@ -119,22 +119,28 @@ def makedirs(url: str) -> None:
     # object stores have no directories
 
 
+def _replace_local(path: str, fill) -> None:
+    """Write a temp file beside `path` with fill(tmp), fsync it, then rename over `path` (atomic on POSIX)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fill(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def put_bytes_atomic(url: str, data: bytes) -> None:
     """Write `data` to `url` so that readers see the old object, or the whole new one, never a part."""
     if not is_remote(url):
-        path = _local_path(url)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
+        def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _replace_local(_local_path(url), fill)
         return
     fs, path = get_fs(url)
     fs.pipe_file(path, data)  # one PUT (multipart above s3fs's block size, completed atomically)
@@ -142,20 +148,10 @@ def put_bytes_atomic(url: str, data: bytes) -> None:
 
 
 def put_file_atomic(local_file: str, url: str) -> None:
-    """Move/upload a finished local file to `url` atomically (the local file is consumed on local targets)."""
+    """Upload/copy a finished local file to `url` atomically."""
     if not is_remote(url):
-        path = _local_path(url)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            shutil.copyfile(local_file, tmp)  # may cross filesystems; the rename below may not
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # a copy, not a rename: the source may be on another filesystem
+        _replace_local(_local_path(url), lambda tmp: shutil.copyfile(local_file, tmp))
         return
     fs, path = get_fs(url)
     fs.put_file(local_file, path)
