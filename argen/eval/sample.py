@@ -31,6 +31,7 @@ from argen import device as dev
 from argen.errors import ArgenError
 from argen.eval import EVALUATOR_VERSION
 from argen.eval.npz import npz_writer
+from argen.model import pixels
 
 # cfg used for the published FID of each size (llamagen.md §3.2); other models fall back to the DDP default 1.5.
 REFERENCE_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
@@ -72,7 +73,7 @@ def to_uint8(images: torch.Tensor, size: int | None, resize: str) -> np.ndarray:
     x = images.float()
     if size is not None and resize != "none" and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=(resize == "bicubic-aa"))
-    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+    return pixels.to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def batch_seed(seed: int, batch_index: int) -> int:

@@ -335,12 +335,8 @@ class Trainer:
 
 
 def _grid(rows: list[torch.Tensor], path: Path) -> None:
-    import numpy as np
-    from PIL import Image
-    from argen.launcher.vq_metrics import to_uint8
-    arr = torch.cat([torch.cat(list(to_uint8(r.cpu())), dim=2) for r in rows], dim=1)  # (3, rows*H, n*W)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).numpy())).save(path)
+    from argen.model.pixels import save_grid
+    save_grid(torch.cat([r.cpu() for r in rows]), path, cols=rows[0].shape[0])
 
 
 def _reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -361,7 +357,7 @@ def compute_rfid(tr: Trainer) -> dict:
     import numpy as np
     from argen.eval.npz import NpzImages, save_images
     from argen.eval.score import score
-    from argen.launcher.vq_metrics import to_uint8
+    from argen.model.pixels import to_uint8
     ref = NpzImages(t.rfid_ref)
     n = min(len(ref), t.rfid_images) if t.rfid_images else len(ref)
     f = tr.model.downsample

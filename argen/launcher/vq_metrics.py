@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8, as the reference writes reconstructions."""
-    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
+from argen.model.pixels import to_uint8
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

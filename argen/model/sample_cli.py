@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from argen import device as dev
 from argen.errors import ArgenError
+from argen.model.pixels import save_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,21 +60,6 @@ def _condition(model, args) -> tuple[torch.Tensor, torch.Tensor | None]:
         feats, mask = enc.encode_right_aligned(args.prompts, cfg.cls_token_num)
         return feats, mask
     raise ArgenError("t2i models need --captions FILE.npz or --prompts with --t5")
-
-
-def save_grid(images: torch.Tensor, path: str | Path) -> None:
-    """images in [-1, 1], (B, 3, H, W) -> one PNG grid, nearly square."""
-    from PIL import Image
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    b, h, w, _ = x.shape
-    cols = math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = x[i]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
 
 
 def parse_schedule(text: str | None):

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from argen.errors import ArgenError
+from argen.model.pixels import to_uint8
 from argen.serve.engine import Engine, Request
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class ServeApp:
         with self._vq_lock, torch.inference_mode():  # one decode at a time: it is large and already parallel
             p = next(self.vq.parameters())
             img = self.vq.decode(codes.to(p.device))
-            pix = (127.5 * img.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            pix = to_uint8(img).permute(0, 2, 3, 1).cpu().numpy()
         out = []
         for a in pix:
             buf = io.BytesIO()
