@@ -8,6 +8,7 @@ zeroed prefix RoPE rows.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -16,47 +17,48 @@ from argen.errors import ArgenError
 from argen.model.gpt import GPT, gpt_config, rope_2d_cache
 from argen.model.io import load_state_strict, save
 
-_PREFIXES = ("module.", "_orig_mod.", "model.")
-_DROP_SUFFIXES = ("freqs_cis", "causal_mask")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DeepSpeed and torch.compile wrappers
+_DROP_SUFFIXES = ("freqs_cis", "causal_mask")     # sampler state that some saves carry
 
 
-def unwrap_checkpoint(obj, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict):
-        for key in ("model", "module", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise ArgenError(f"{source}: not a LlamaGen checkpoint (expected a state dict, or one under 'model', 'module' "
-                     "or 'state_dict')")
-
-
-def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_llamagen_state(src: str | Path, keys: tuple[str, ...] = ("model", "module", "state_dict")
+                        ) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a LlamaGen .pt/.pth and where they were found: the first of `keys` holding a dict, else a raw
+    state dict (FSDP consolidated files). Wrapper prefixes are stripped, KV caches and RoPE tables dropped."""
+    src = Path(src)
+    if not src.is_file():
+        raise ArgenError(f"checkpoint not found: {src}")
+    try:
+        # vq_train.py checkpoints carry the argparse Namespace under "args": allow exactly that class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for truncated/foreign files
+        raise ArgenError(f"cannot read checkpoint {src}: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ArgenError(f"{src}: expected a dict checkpoint, got {type(obj).__name__}")
+    for key in keys:
+        if isinstance(obj.get(key), dict):
+            state, where = obj[key], key
+            break
+    else:
+        if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ArgenError(f"{src}: not a LlamaGen checkpoint (no weights under {', '.join(map(repr, keys))}; "
+                             f"top-level keys: {sorted(obj)[:8]})")
+        state, where = obj, "<raw state dict>"
     out = {}
     for key, value in state.items():
-        for p in _PREFIXES:
+        for p in _WRAPPER_PREFIXES:
             if key.startswith(p):
                 key = key[len(p):]
         if ".kv_cache." in key or key.endswith(_DROP_SUFFIXES):
             continue
         out[key] = value
-    return out
-
-
-def read_torch_checkpoint(src: str | Path) -> dict[str, torch.Tensor]:
-    src = Path(src)
-    if not src.is_file():
-        raise ArgenError(f"checkpoint not found: {src}")
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for truncated/foreign files
-        raise ArgenError(f"cannot read checkpoint {src}: {type(e).__name__}: {e}") from None
-    return clean_keys(unwrap_checkpoint(obj, str(src)))
+    return out, where
 
 
 def convert_llamagen_gpt(src: str | Path, out_dir: str | Path, model_name: str, image_size: int = 256,
                          t2i: bool = False, vocab_size: int | None = None) -> Path:
-    state = read_torch_checkpoint(src)
+    state, _ = read_llamagen_state(src)
     if vocab_size is None:
         if "tok_embeddings.weight" not in state:
             raise ArgenError(f"{src}: missing 'tok_embeddings.weight'; is this a LlamaGen GPT checkpoint?")

@@ -7,55 +7,21 @@ monitoring state, not a weight: it is copied when present and left empty (-1) wh
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import torch
-
 from argen.errors import ArgenError
+from argen.model.convert_llamagen import read_llamagen_state
 from argen.model.io import load_state_strict, save
 from argen.model.vq import VQModel, vq_config
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _BUFFERS = ("quantize.codebook_used",)
-
-
-def read_llamagen_state(src_path: str | Path, prefer_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
-    """The weight dict of a LlamaGen .pt (`ema` if present and preferred, else `model`/`module`/`state_dict`/raw)."""
-    p = Path(src_path)
-    if not p.is_file():
-        raise ArgenError(f"checkpoint not found: {src_path}")
-    try:
-        # vq_train.py checkpoints carry the argparse Namespace under "args": allow exactly that class
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ArgenError(f"cannot read {src_path} as a torch checkpoint: {e}") from None
-    if not isinstance(ckpt, dict):
-        raise ArgenError(f"{src_path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    order = (("ema", "model") if prefer_ema else ("model", "ema")) + ("module", "state_dict")
-    for key in order:
-        if isinstance(ckpt.get(key), dict):
-            state, where = ckpt[key], key
-            break
-    else:
-        if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            raise ArgenError(f"{src_path}: no weights under 'model', 'ema', 'module' or 'state_dict' "
-                             f"(top-level keys: {sorted(ckpt)[:8]})")
-        state, where = ckpt, "<raw state dict>"
-    out = {}
-    for k, v in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out, where
 
 
 def convert_llamagen_vq(src_path: str | Path, out_dir: str | Path, model_name: str = "VQ-16",
                         prefer_ema: bool = True) -> Path:
     """Convert a LlamaGen VQ checkpoint into an argen model directory (config.json + model.safetensors)."""
-    state, where = read_llamagen_state(src_path, prefer_ema)
+    keys = ("ema", "model") if prefer_ema else ("model", "ema")
+    state, where = read_llamagen_state(src_path, keys + ("module", "state_dict"))
     emb = state.get("quantize.embedding.weight")
     if emb is None:
         raise ArgenError(f"{src_path}: no 'quantize.embedding.weight' under '{where}'; is this a VQ checkpoint?")
