@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from argen.errors import ArgenError
-from argen.model.generate import cfg_scale_at, filter_logits, generate
+from argen.model.generate import cfg_scale_at, generate
+from argen.model.sampling import candidates, draw, sample, uniforms
 from argen.model.gpt import GPT, GPTConfig, apply_rope, count_parameters, gpt_config, gpt_loss, rope_2d_cache
 from tests.llamagen_reference import ModelArgs, Transformer
 from tests.llamagen_reference import generate as reference_generate
@@ -126,13 +127,13 @@ def test_kv_cached_decoding_equals_full_forward(model_type):
     full = m(codes, cond, mask)
     T = m.config.cls_token_num
     m.setup_kv_cache(2, T + 15)
-    steps = [m.forward_cached(m.embed_condition(cond), 0, m.prefix_mask(mask, T) if mask is not None else None)]
+    steps = [m.output(m.hidden_cached(m.embed_condition(cond), 0, m.prefix_mask(mask, T) if mask is not None else None))]
     for k in range(15):
         km = None
         if mask is not None:
             km = torch.ones(2, 1, 1, T + k + 1, dtype=torch.bool)
             km[:, 0, 0, :T] = mask
-        steps.append(m.forward_cached(m.tok_embeddings(codes[:, k:k + 1]), T + k, km))
+        steps.append(m.output(m.hidden_cached(m.tok_embeddings(codes[:, k:k + 1]), T + k, km)))
     m.clear_kv_cache()
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
 
@@ -157,12 +158,41 @@ def test_sampling_is_reproducible_and_seed_dependent():
     assert a.shape == (3, 16) and int(a.max()) < 97
 
 
-def test_filter_logits_top_k_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    k = filter_logits(logits.clone(), top_k=2)
-    assert torch.isinf(k[0, 2:]).all() and torch.isfinite(k[0, :2]).all()
-    p = filter_logits(logits.clone(), top_p=0.6)  # 0.5 < 0.6, the token crossing p (0.3) is kept
-    assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
+def test_candidates_top_k_top_p_temperature():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    probs, index = candidates(logits, top_k=2)
+    assert sorted(index[0].tolist()) == [1, 3] and torch.allclose(probs.sum(-1), torch.ones(1))
+    probs, index = candidates(logits, top_p=0.6)  # 0.5 < 0.6: the token crossing p (0.3) is kept, the rest not
+    assert index[0, :2].tolist() == [1, 3] and (probs[0, :2] > 0).all() and (probs[0, 2:] == 0).all()
+    probs, index = candidates(logits, temperature=0.5)  # p^2, renormalised, over the whole vocabulary
+    expected = torch.tensor([0.05, 0.5, 0.15, 0.3]) ** 2
+    assert index is None and torch.allclose(probs[0], expected / expected.sum())
+
+
+@pytest.mark.parametrize("top_k, top_p, temp", [(0, 1.0, 1.0), (4, 1.0, 1.0), (4, 1.0, 0.5), (6, 0.7, 1.0),
+                                                (3, 1.0, 2.0), (0, 0.8, 1.3)])
+def test_sampler_draws_the_filtered_distribution(top_k, top_p, temp):
+    """Frequencies of 40,000 draws equal the reference filter (temperature, top-k, HF top-p, softmax)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.7, 0.5, 0.2, 0.0, -1.0])
+    p = (logits / temp).softmax(-1)
+    keep = torch.ones(8, dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False
+    if top_p < 1:
+        q = p * keep / (p * keep).sum()
+        keep &= (q.cumsum(0) - q) <= top_p
+    expected = p * keep / (p * keep).sum()
+    m = 40000
+    g = torch.Generator().manual_seed(0)
+    toks = sample(logits.expand(m, -1), uniforms(m, g, "cpu"), temp, top_k, top_p)
+    freq = torch.bincount(toks, minlength=8).float() / m
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+
+
+def test_draw_never_picks_a_removed_candidate():
+    probs = torch.tensor([[0.7, 0.3, 0.0, 0.0]])
+    assert draw(probs, None, torch.tensor([1.0 - 2 ** -53], dtype=torch.float64)).item() == 1
+    assert draw(probs, None, torch.tensor([0.0], dtype=torch.float64)).item() == 0
 
 
 def test_cfg_schedules():

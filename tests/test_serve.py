@@ -189,21 +189,6 @@ def test_compiled_decode_step_gives_the_same_codes(c2i):
         assert eng._step_fn is not eng._decoder  # compiled, not the eager fallback
 
 
-@pytest.mark.parametrize("top_k, top_p, temp", [(4, 1.0, 1.0), (4, 1.0, 0.5), (6, 0.7, 1.0), (3, 1.0, 2.0)])
-def test_unseeded_sampler_has_the_filtered_distribution(top_k, top_p, temp):
-    from argen.model.generate import filter_logits as ref_filter
-    from argen.serve.sampling import sample_top_candidates
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.7, 0.5, 0.2, 0.0, -1.0])
-    expected = ref_filter(logits[None], temp, top_k, top_p).softmax(-1)[0]
-    m = 40000
-    rows = logits.expand(m, -1)
-    g = torch.Generator().manual_seed(0)
-    toks = sample_top_candidates(rows, torch.full((m,), temp), torch.full((m,), top_k), torch.full((m,), top_p),
-                                 top_k, top_p < 1, g, same_k=True, unit_temperature=temp == 1.0)
-    freq = torch.bincount(toks, minlength=8).float() / m
-    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
-
-
 def test_failing_compiled_step_falls_back_to_eager(c2i):
     with Engine(c2i, max_batch=2) as eng:
         def broken(*a, **k):

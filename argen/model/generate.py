@@ -1,6 +1,7 @@
 """KV-cached sampling for the GPT: `argen.generate(model, cond, ...) -> codes (B, N)`.
 
-Order per step, as the reference (§3.1): CFG on raw logits -> temperature -> top-k -> top-p -> multinomial.
+Order per step, as the reference (§3.1): CFG -> temperature -> top-k -> top-p -> draw (argen.model.sampling, shared
+with the serving engine: CFG on the hidden state before the linear head, inverse-CDF draw over the candidates).
 The conditional and unconditional rows run as one batch [cond; uncond], so row i and row B+i always belong to the
 same request. Caches are allocated once per call at the exact length needed; decode steps attend over the filled
 prefix of the cache only, so no (B, S, S) mask is built (c2i) and only a key mask for padded captions (t2i).
@@ -12,6 +13,7 @@ from typing import Callable
 import torch
 
 from argen.errors import ArgenError
+from argen.model import sampling
 
 CfgSchedule = None | str | int | Callable[[int, int], float]
 
@@ -28,31 +30,6 @@ def cfg_scale_at(step: int, total: int, scale: float, schedule: CfgSchedule) -> 
     if callable(schedule):
         return float(schedule(step, total))
     raise ArgenError(f"unknown cfg_schedule {schedule!r} (None, 'constant', 'linear', an int interval or a callable)")
-
-
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then HF-style top-p (the first token past p is kept; top-1 always kept)."""
-    logits = logits / max(temperature, 1e-5)
-    if top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum > top_p
-        remove[..., 1:] = remove[..., :-1].clone()
-        remove[..., 0] = False
-        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
-    return logits
-
-
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_k: int,
-                       top_p: float, greedy: bool = False) -> torch.Tensor:
-    if greedy:
-        return logits.argmax(-1, keepdim=True)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 def check_condition(model, cond: torch.Tensor, cond_mask: torch.Tensor | None) -> None:
@@ -104,21 +81,23 @@ def generate(model, cond: torch.Tensor, *, cond_mask: torch.Tensor | None = None
             key_mask = torch.ones(rows, T + N, dtype=torch.bool, device=device)
             key_mask[:, :T] = cond_mask
         x = model.embed_condition(cond).to(model.tok_embeddings.weight.dtype)
-        logits = model.forward_cached(x, 0, mask)
+        hidden = model.hidden_cached(x, 0, mask)
         out = torch.empty(B, N, dtype=torch.long, device=device)
         for step in range(N):
             if use_cfg:
-                c, u = logits[:B], logits[B:]
-                s = cfg_scale_at(step, N, cfg_scale, cfg_schedule)
-                logits = u + s * (c - u)
-            tok = sample_from_logits(logits, generator, temperature, top_k, top_p, greedy)
-            out[:, step] = tok[:, 0]
+                hidden = sampling.guide(hidden[:B], hidden[B:], cfg_scale_at(step, N, cfg_scale, cfg_schedule))
+            logits = model.output(hidden).float()
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                tok = sampling.sample(logits, sampling.uniforms(B, generator, device), temperature, top_k, top_p)
+            out[:, step] = tok
             if step == N - 1:
                 break
             tok_in = torch.cat([tok, tok]) if use_cfg else tok
             pos = T + step
             step_mask = None if key_mask is None else key_mask[:, None, None, : pos + 1]
-            logits = model.forward_cached(model.tok_embeddings(tok_in), pos, step_mask)
+            hidden = model.hidden_cached(model.tok_embeddings(tok_in)[:, None], pos, step_mask)
         return out
     finally:
         model.clear_kv_cache()

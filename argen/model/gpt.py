@@ -358,11 +358,13 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def forward_cached(self, x: torch.Tensor, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings x (B, S, dim) at absolute positions start_pos..start_pos+S-1 -> last-position logits (B, V)."""
+    def hidden_cached(self, x: torch.Tensor, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings x (B, S, dim) at absolute positions start_pos..start_pos+S-1 -> last position's normed hidden
+        state (B, dim), the input of the output head."""
         S = x.shape[1]
         h = self.run_layers(x, self.rope[start_pos:start_pos + S], mask, start_pos)
-        return self.output(self.norm(h[:, -1])).float()
+        return self.norm(h[:, -1])
+
 
 
 def gpt_loss(logits: torch.Tensor, codes: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,14 +9,15 @@ Loop (one worker thread owns the model and the cache):
   1. admit queued requests into free slots (a request of n images takes n slots; FIFO, no overtaking);
   2. prefill the newly admitted slots (their prefix only, eager, written into their cache rows) and sample token 0;
   3. one decode step for every live slot (compiled): feed each slot's last token at its own position, attend over
-     its own cache rows, CFG per slot, filter with per-slot parameters, sample with each request's generator;
+     its own cache rows; then per group of requests with the same sampling parameters one CFG, one head call and
+     one filter, and a draw with each request's generator (argen.model.sampling);
   4. hand finished requests their codes and free their slots.
 New requests therefore join between decode steps and never wait for a running batch to drain.
 
-Exactness: every row does the same floating-point work as `argen.generate` (same modules, same RoPE formula, same
-filter order) and each request draws from its own `torch.Generator` seeded like generate's, with one multinomial
-call over exactly its own rows, so a request returns the codes `argen.generate(model, cond, seed=...)` returns.
-Requests without a seed share one engine generator (one multinomial call for all of them).
+Exactness: every row does the same floating-point work as `argen.generate` (same modules, same RoPE formula, the
+same sampling functions) and each request draws its uniforms from its own `torch.Generator` seeded like generate's,
+so a request returns the codes `argen.generate(model, cond, seed=...)` returns. Requests without a seed draw from
+one engine generator.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from argen import device as dev
 from argen.errors import ArgenError
 from argen.model.attention import attention
 from argen.model.generate import CfgSchedule, cfg_scale_at
-from argen.serve.sampling import combine_cfg, filter_logits, sample_top_candidates
+from argen.model import sampling
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +185,14 @@ class Engine:
     compile: True, False or "auto" (compile the decode step; on an accelerator with CUDA graphs). If compilation
     fails the engine logs why and runs eagerly.
     length_bucket: decode attends over the cache up to the longest live position rounded up to this many columns
-    and over the slots up to the highest live one (the CPU default, 64); 0 = static shapes: every step runs all
+    and over the slots up to the highest live one (the CPU default, 16); 0 = static shapes: every step runs all
     slots over the whole cache, one shape for one CUDA graph (the default on accelerators, where a graph replay
     costs less than the work skipped).
     The engine owns the model while it runs: do not train or call argen.generate on it from another thread.
     """
 
     def __init__(self, model, *, max_batch: int = 16, compile: bool | str = "auto", length_bucket: int | None = None,
-                 max_queue: int = 1024, seed: int | None = None, fast_unseeded: bool = True):
+                 max_queue: int = 1024, seed: int | None = None):
         if max_batch < 1:
             raise ArgenError(f"max_batch must be >= 1, got {max_batch}")
         if getattr(model, "kind", None) != "gpt":
@@ -201,12 +202,11 @@ class Engine:
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
         self.max_batch = max_batch
-        self.fast_unseeded = fast_unseeded
         self.T = self.config.cls_token_num
         self.N = self.config.block_size
         self.max_seq = self.T + self.N - 1
         accel = dev.is_accelerator(self.device)
-        self.length_bucket = (0 if accel else 64) if length_bucket is None else int(length_bucket)
+        self.length_bucket = (0 if accel else 16) if length_bucket is None else int(length_bucket)
         self._decoder = _Decoder(model, max_batch, self.max_seq, self.dtype, self.device)
         self._step_fn: Callable = self._decoder
         self._compile_mode = None
@@ -341,11 +341,6 @@ class Engine:
         M, d = self.max_batch, self.device
         self._tok = torch.zeros(M, dtype=torch.long, device=d)  # last sampled token per slot
         self._pos = torch.full((M,), self.T, dtype=torch.long, device=d)  # where that token is fed
-        self._scale = torch.ones(M, dtype=torch.float32, device=d)
-        self._use_cfg = torch.zeros(M, dtype=torch.bool, device=d)
-        self._temp = torch.ones(M, dtype=torch.float32, device=d)
-        self._topk = torch.zeros(M, dtype=torch.long, device=d)
-        self._topp = torch.ones(M, dtype=torch.float32, device=d)
         self._out = torch.zeros(M, self.N, dtype=torch.long, device=d)
         self._key_mask = None
         if self.config.model_type == "t2i":
@@ -441,14 +436,7 @@ class Engine:
             elif self._key_mask is not None:
                 masks.append(torch.ones(j.n, self.T, dtype=torch.bool))
             slots += j.slots
-            r = j.req
-            idx = j.slot_index
-            self._scale[idx] = float(r.cfg_scale)
-            self._use_cfg[idx] = j.use_cfg
-            self._temp[idx] = max(float(r.temperature), 1e-5)
-            self._topk[idx] = int(r.top_k)
-            self._topp[idx] = float(r.top_p)
-            self._pos[idx] = self.T
+            self._pos[j.slot_index] = self.T
         n = len(slots)
         cond = torch.cat(conds).to(self.device)
         if cond.is_floating_point():  # caption features arrive in fp32 (HTTP, T5 in another dtype)
@@ -471,7 +459,7 @@ class Engine:
         for j in jobs:  # the prefill batch holds the new jobs' slots in admission order
             local[id(j)] = torch.arange(at, at + j.n, device=self.device)
             at += j.n
-        self._sample(hidden.view(n, 2, -1), slot_t, jobs, local)
+        self._sample(hidden.view(n, 2, -1), jobs, local)
 
     def _decode(self) -> None:
         live = [i for i, s in enumerate(self._slots) if s is not None]
@@ -487,7 +475,7 @@ class Engine:
         km = None if self._key_mask is None else self._key_mask[: 2 * hi]
         hidden = self._call_decoder(tok, pos, km, length)
         self.stats["steps"] += 1
-        self._sample(hidden.view(hi, 2, -1), None, jobs, {id(j): j.slot_index for j in jobs})
+        self._sample(hidden.view(hi, 2, -1), jobs, {id(j): j.slot_index for j in jobs})
 
     def _call_decoder(self, tok, pos, km, length):
         if self._compile_mode and not self._compiled:
@@ -506,68 +494,34 @@ class Engine:
             self._step_fn = self._decoder
             return self._decoder(tok, pos, km, length)
 
-    def _sample(self, pair_hidden: torch.Tensor, slot_t: torch.Tensor | None, jobs: list[_Job],
-                local_rows: dict[int, torch.Tensor]) -> None:
-        """pair_hidden (m, 2, dim): normed last hidden states of slots slot_t (None = slots 0..m-1), cond then
-        uncond; samples one token per slot of `jobs`; local_rows maps a job to its rows in pair_hidden."""
-        m = pair_hidden.shape[0]
-        sel = slice(0, m) if slot_t is None else slot_t
-        scale = self._scale[sel]
-        sched = [j for j in jobs if j.use_cfg and j.req.cfg_schedule not in (None, "constant")]
-        if sched:
-            scale = scale.clone()
-            for j in sched:
-                scale[local_rows[id(j)]] = cfg_scale_at(j.step, j.n_tokens, j.req.cfg_scale, j.req.cfg_schedule)
-        use_cfg, temp, topk, topp = self._use_cfg[sel], self._temp[sel], self._topk[sel], self._topp[sel]
+    def _sample(self, pair_hidden: torch.Tensor, jobs: list[_Job], local_rows: dict[int, torch.Tensor]) -> None:
+        """pair_hidden (m, 2, dim): normed last hidden states, cond then uncond, of the slots of `jobs`; local_rows
+        maps a job to its rows in pair_hidden. Samples one token per slot with argen.generate's arithmetic.
+
+        Jobs with the same sampling parameters at this step share one head call and one filter; each seeded job
+        then draws its uniforms from its own generator (the stream generate draws), unseeded jobs from the
+        engine's."""
+        groups: dict[tuple, list[_Job]] = {}
+        for j in jobs:
+            r = j.req
+            scale = cfg_scale_at(j.step, j.n_tokens, r.cfg_scale, r.cfg_schedule) if j.use_cfg else None
+            key = (scale, r.greedy) + (() if r.greedy else (r.temperature, r.top_k, r.top_p))
+            groups.setdefault(key, []).append(j)
         head = self.model.output
-        fast = [j for j in jobs if self.fast_unseeded and j.generator is None and not j.req.greedy
-                and j.req.top_k > 0]
-        rest = [j for j in jobs if not any(j is f for f in fast)]
-        if rest:
-            # logits of both rows, then CFG on logits: the arithmetic of argen.generate
-            rows, where = self._gather(rest, local_rows)
-            logits = combine_cfg(head(pair_hidden[rows]).float(), scale[rows], use_cfg[rows])
-            exact = [j for j in rest if j.generator is not None and not j.req.greedy]
-            unseeded = [j for j in rest if j.generator is None and not j.req.greedy]
-            for j in rest:
-                if j.req.greedy:
-                    self._store(j, logits[where[id(j)]].argmax(-1))
-            sampled = exact + unseeded
-            if sampled:
-                srows, swhere = self._gather(sampled, where)
-                ks = {int(j.req.top_k) for j in sampled}
-                probs = filter_logits(logits[srows], temp[rows][srows], topk[rows][srows], topp[rows][srows],
-                                      max(ks), any(j.req.top_p < 1.0 for j in sampled), same_k=len(ks) == 1,
-                                      unit_temperature=all(j.req.temperature == 1.0 for j in sampled)).softmax(-1)
-                for j in exact:  # one call over exactly this request's rows: the stream argen.generate draws
-                    self._store(j, torch.multinomial(probs[swhere[id(j)]], 1, generator=j.generator)[:, 0])
-                if unseeded:
-                    urows, _ = self._gather(unseeded, swhere)
-                    self._split_store(unseeded, torch.multinomial(probs[urows], 1, generator=self._shared_gen)[:, 0])
-        if fast:
-            # Linear head, so CFG on logits equals the head of the guided hidden state: one head row per image
-            # instead of two. Unseeded requests promise the distribution, not a bit-exact random stream.
-            rows, _ = self._gather(fast, local_rows)
+        for (scale, greedy, *params), group in groups.items():
+            rows = torch.cat([local_rows[id(j)] for j in group])
             h = pair_hidden[rows]
-            c, u = h[:, 0], h[:, 1]
-            guided = torch.where(use_cfg[rows][:, None], u + scale[rows][:, None].to(h.dtype) * (c - u), c)
-            ks = {int(j.req.top_k) for j in fast}
-            toks = sample_top_candidates(head(guided).float(), temp[rows], topk[rows], topp[rows], max(ks),
-                                         any(j.req.top_p < 1 for j in fast), self._shared_gen, same_k=len(ks) == 1,
-                                         unit_temperature=all(j.req.temperature == 1.0 for j in fast))
-            self._split_store(fast, toks)
+            h = h[:, 0] if scale is None else sampling.guide(h[:, 0], h[:, 1], scale)
+            logits = head(h).float()
+            if greedy:
+                toks = logits.argmax(-1)
+            else:
+                u = torch.cat([sampling.uniforms(j.n, j.generator or self._shared_gen, self.device) for j in group])
+                toks = sampling.sample(logits, u, *params)
+            self._split_store(group, toks)
         for j in jobs:
             if j.step >= j.n_tokens:
                 self._finish(j)
-
-    def _gather(self, jobs: list[_Job], rows_of: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """The rows of `jobs` (in job order) and each job's rows within that selection."""
-        rows = torch.cat([rows_of[id(j)] for j in jobs])
-        where, at = {}, 0
-        for j in jobs:
-            where[id(j)] = torch.arange(at, at + j.n, device=self.device)
-            at += j.n
-        return rows, where
 
     def _split_store(self, jobs: list[_Job], toks: torch.Tensor) -> None:
         at = 0
