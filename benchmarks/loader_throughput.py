@@ -1,12 +1,12 @@
 """Loader throughput: the reference's one-.npy-per-sample layout vs argen's shard loader (local disk and S3).
 
-    .venv/bin/python benchmarks/loader_throughput.py [--samples 5000] [--batch 64] [--workers 2] [--seconds 6] [--rounds 3]
-        [--compression gzip|none] [--shuffle-buffer 1024] [--no-s3] [--no-gpt] [--gpt-batch 8] [--gpt-steps 3]
+    .venv/bin/python benchmarks/loader_throughput.py [--samples 5000] [--batch 64] [--workers 2] [--seconds 4] [--rounds 3]
+        [--compression none zstd gzip] [--shuffle-buffer 1024] [--no-s3] [--no-gpt] [--gpt-batch 8] [--gpt-steps 3]
 
 Prints, from one run on the same synthetic codes (256 px ten-crop: 10 augmentations x 256 tokens per sample):
 - reference: LlamaGen's layout (`{i}.npy` int64 (1, 10, 256) + `{i}.npy` label per sample, llamagen.md 5.1) through
   a map-style Dataset (random augmentation column per access) and torch DataLoader (shuffle, drop_last);
-- argen local: build_loader over WebDataset shards (1000 samples each, --compression) on local disk;
+- argen local: build_loader over WebDataset shards (1000 samples each) on local disk, once per --compression;
 - argen s3: the same shards on the S3 test server (needs `bash ci/infra/s3-up.sh`; skipped if it is not up);
 - the data wait of a GPT-B c2i training step on this CPU (argen.model.gpt), from loader.stats()["wait_fraction"].
 Both loaders use the same number of worker processes and batch size; they run in alternating rounds (the machine is
@@ -16,6 +16,7 @@ written), which favours the reference: on a cold network file system its per-fil
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import sys
@@ -53,35 +54,34 @@ class ReferenceCodes(torch.utils.data.Dataset):
         return torch.from_numpy(features), torch.from_numpy(labels)
 
 
-def write_data(root: str, n: int, s3_prefix: str | None, compression: str) -> tuple[str, str]:
+def write_data(root: str, n: int, s3_prefix: str | None, compressions: list[str]) -> dict[str, tuple[str, str | None]]:
+    """The reference files under root, and per compression the same samples as shards: {compression: (local, s3)}."""
     rng = np.random.default_rng(0)
     fdir, ldir = os.path.join(root, "imagenet256_codes_flip"), os.path.join(root, "imagenet256_labels")
     os.makedirs(fdir)
     os.makedirs(ldir)
-    shards_local = os.path.join(root, "shards")
-    infos, infos_s3 = [], []
+    out = {c: (os.path.join(root, f"shards-{c}"), f"{s3_prefix}-{c}" if s3_prefix else None) for c in compressions}
+    infos: dict[str, list] = {p: [] for pair in out.values() for p in pair if p}
     for s in range(-(-n // PER_SHARD)):
-        w = sf.ShardWriter(shards_local, s, compression=compression)
-        w3 = sf.ShardWriter(s3_prefix, s, compression=compression) if s3_prefix else None
+        writers = [(p, sf.ShardWriter(p, s, compression=c)) for c, pair in out.items() for p in pair if p]
         for i in range(s * PER_SHARD, min(n, (s + 1) * PER_SHARD)):
             codes = rng.integers(0, VOCAB, size=(N_AUG, TOKENS))
             label = int(rng.integers(0, 1000))
             np.save(os.path.join(fdir, f"{i}.npy"), codes[None].astype(np.int64))
             np.save(os.path.join(ldir, f"{i}.npy"), np.array([label], dtype=np.int64))
             members = sf.encode_sample(i, codes, label=label, codebook_size=VOCAB)
-            w.write(members)
-            if w3:
-                w3.write(members)
-        infos.append(w.commit())
-        if w3:
-            infos_s3.append(w3.commit())
-    for prefix, shard_infos in ((shards_local, infos), (s3_prefix, infos_s3)):
-        if prefix:
-            sf.write_manifest(prefix, sf.Manifest(tokenizer={"id": "bench"}, codebook_size=VOCAB, image_size=256,
-                                                  grid=16, augmentations=[f"crop{k}" for k in range(N_AUG)],
-                                                  conditioning="class", num_classes=1000, shards=shard_infos,
-                                                  compression=compression))
-    return root, shards_local
+            for _, w in writers:
+                w.write(members)
+        for p, w in writers:
+            infos[p].append(w.commit())
+    for c, pair in out.items():
+        for prefix in pair:
+            if prefix:
+                sf.write_manifest(prefix, sf.Manifest(tokenizer={"id": "bench"}, codebook_size=VOCAB, image_size=256,
+                                                      grid=16, augmentations=[f"crop{k}" for k in range(N_AUG)],
+                                                      conditioning="class", num_classes=1000, shards=infos[prefix],
+                                                      compression=c))
+    return out
 
 
 def timed(batches, seconds: float, batch: int) -> tuple[float, float]:
@@ -152,11 +152,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=6.0, help="steady-state time measured per loader and round")
+    ap.add_argument("--seconds", type=float, default=4.0, help="steady-state time measured per loader and round")
     ap.add_argument("--shuffle-buffer", type=int, default=1024, help="argen's data.shuffle_buffer")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each loader counts")
-    ap.add_argument("--compression", choices=sf.COMPRESSIONS, default="gzip",
-                    help="shard compression (gzip is the tokenizer default; codes compress poorly)")
+    ap.add_argument("--compression", choices=sf.COMPRESSIONS, nargs="+", default=["none", "zstd", "gzip"],
+                    help="shard compressions to measure (gzip is the tokenizer default, zstd the fast one)")
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--no-gpt", action="store_true")
     ap.add_argument("--gpt-batch", type=int, default=8)
@@ -179,32 +179,35 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="argen-loader-bench-")
     try:
         t0 = time.perf_counter()
-        _, shards = write_data(root, args.samples, s3_prefix, args.compression)
+        data = write_data(root, args.samples, s3_prefix, args.compression)
         print(f"data: {args.samples} samples of ({N_AUG}, {TOKENS}) codes, written in {time.perf_counter() - t0:.1f}s;"
-              f" {args.compression} shards of {PER_SHARD}; batch {args.batch}, {args.workers} workers, "
-              f"{os.cpu_count()} CPUs")
-        # Rounds alternate reference and argen so that load from other jobs hits both alike; best round counts.
-        ref_runs, loc_runs, s3_runs = [], [], []
+              f" shards of {PER_SHARD}; batch {args.batch}, {args.workers} workers, {os.cpu_count()} CPUs")
+        # Rounds alternate the reference and argen so that load from other jobs hits both alike; best round counts.
+        runs: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         for _ in range(args.rounds):
-            ref_runs.append(bench_reference(root, args.samples, args.batch, args.workers, args.seconds))
-            loc_runs.append(bench_argen(shards, args.batch, args.workers, args.seconds, args.shuffle_buffer))
-            if s3_prefix:
-                s3_runs.append(bench_argen(s3_prefix, args.batch, args.workers, args.seconds, args.shuffle_buffer))
-        ref_first, ref = min(r[0] for r in ref_runs), max(r[1] for r in ref_runs)
-        loc_first, loc = min(r[0] for r in loc_runs), max(r[1] for r in loc_runs)
-        print(f"reference (.npy per sample, map-style Dataset): {ref:8.0f} samples/s   first batch {ref_first:5.2f}s"
-              f"   (rounds: {', '.join(f'{r[1]:.0f}' for r in ref_runs)})")
-        print(f"argen loader, local shards:                     {loc:8.0f} samples/s   first batch {loc_first:5.2f}s"
-              f"   {loc / ref:5.1f}x reference   (rounds: {', '.join(f'{r[1]:.0f}' for r in loc_runs)})")
-        if s3_prefix:
-            s3_first, s3 = min(r[0] for r in s3_runs), max(r[1] for r in s3_runs)
-            print(f"argen loader, S3 shards:                        {s3:8.0f} samples/s   first batch {s3_first:5.2f}s"
-                  f"   {s3 / ref:5.1f}x reference, local/S3 = {loc / s3:.2f}"
-                  f"   (rounds: {', '.join(f'{r[1]:.0f}' for r in s3_runs)})")
+            runs["reference"].append(bench_reference(root, args.samples, args.batch, args.workers, args.seconds))
+            for c, (local, remote) in data.items():
+                runs[f"local {c}"].append(bench_argen(local, args.batch, args.workers, args.seconds,
+                                                      args.shuffle_buffer))
+                if remote:
+                    runs[f"S3 {c}"].append(bench_argen(remote, args.batch, args.workers, args.seconds,
+                                                       args.shuffle_buffer))
+        best = {k: (min(r[0] for r in v), max(r[1] for r in v)) for k, v in runs.items()}
+        ref = best["reference"][1]
+        for k, (first, rate) in best.items():
+            name = ("reference (.npy per sample, map-style Dataset)" if k == "reference"
+                    else f"argen loader, {k} shards")
+            line = f"{name:48s} {rate:8.0f} samples/s   first batch {first:5.2f}s"
+            if k != "reference":
+                line += f"   {rate / ref:5.1f}x reference"
+            if k.startswith("S3 "):
+                line += f", local/S3 = {best['local ' + k[3:]][1] / rate:.2f}"
+            print(line + f"   (rounds: {', '.join(f'{r[1]:.0f}' for r in runs[k])})")
         if not args.no_gpt:
-            step_s, wait = gpt_b_wait(shards, args.gpt_batch, args.workers, args.gpt_steps)
-            print(f"GPT-B c2i 256px training step on this CPU (batch {args.gpt_batch}): {step_s:.2f} s/step, "
-                  f"data wait {100 * wait:.3f}% of step time")
+            local = data[args.compression[0]][0]
+            step_s, wait = gpt_b_wait(local, args.gpt_batch, args.workers, args.gpt_steps)
+            print(f"GPT-B c2i 256px training step on this CPU (batch {args.gpt_batch}, {args.compression[0]} shards): "
+                  f"{step_s:.2f} s/step, data wait {100 * wait:.3f}% of step time")
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if s3_prefix:

@@ -260,7 +260,7 @@ def test_schedule_matches_plan_blocks():
 def test_t2i_batches_right_align_caption_features(tmp_path):
     prefix = str(tmp_path / "t2i")
     lens = {i: (0 if i % 7 == 3 else (125 if i % 5 == 0 else 1 + i % 9)) for i in range(20)}
-    make_dataset(prefix, [12, 8], n_aug=1, t5_lens=lambda i: lens[i], compression="gzip")
+    make_dataset(prefix, [12, 8], n_aug=1, t5_lens=lambda i: lens[i], compression="zstd")
     loader = build_loader(DataConfig(url=prefix, task="t2i", shuffle_buffer=8, num_workers=1), 0, 1, 20)
     batch = next(loader)
     loader.close()

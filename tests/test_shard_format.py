@@ -36,7 +36,7 @@ def _write(prefix, index, n, start=0, compression="gzip", t5=False):
     return info, written
 
 
-@pytest.mark.parametrize("compression", ["gzip", "none"])
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_roundtrip_local(tmp_path, compression):
     prefix = str(tmp_path / "ds")
     info, written = _write(prefix, 0, 5, compression=compression, t5=True)
@@ -70,9 +70,10 @@ def test_fp16_features_and_webdataset_reads_shards(tmp_path):
     assert s.t5.dtype == torch.float16 and torch.equal(s.t5, feats.half())
 
 
-def test_shards_are_deterministic(tmp_path):
-    a, _ = _write(str(tmp_path / "a"), 0, 4)
-    b, _ = _write(str(tmp_path / "b"), 0, 4)
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_shards_are_deterministic(tmp_path, compression):
+    a, _ = _write(str(tmp_path / "a"), 0, 4, compression=compression)
+    b, _ = _write(str(tmp_path / "b"), 0, 4, compression=compression)
     assert a.sha256 == b.sha256 and a.bytes == b.bytes
 
 

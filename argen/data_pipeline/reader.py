@@ -1,7 +1,7 @@
 """Reading one planned block: its shards through fsspec, split, decoded, permuted, one augmentation per sample.
 
 Runs inside loader workers (or the prefetch thread). A block is made of whole shard segments (sampler.py), so
-each shard is fetched whole with one GET and, if gzip, inflated at C speed. A small header walker splits the tar
+each shard is fetched whole with one GET and, if compressed, inflated at C speed. A small header walker splits the tar
 (the plain GNU/ustar members that ShardWriter writes, header checksums verified); anything unusual goes through
 Python's tarfile, the parser webdataset's tariterators use. Grouping members into samples is ours, because a
 segment is samples [lo, hi) of a shard. Decoding is shard_format.decode_sample, the format's one reader, with a
@@ -10,7 +10,6 @@ confirms with a second read before a shard is skipped.
 """
 from __future__ import annotations
 
-import gzip
 import io
 import logging
 import tarfile
@@ -123,8 +122,7 @@ _OCTAL = 8 ** np.arange(5, -1, -1)
 def _verify_checksums(buf: bytes, heads: list[int]) -> None:
     arr = np.frombuffer(buf, dtype=np.uint8)
     hdrs = arr[np.asarray(heads)[:, None] + np.arange(_BLOCK)]   # (members, 512) uint8
-    # the checksum field counts as 8 spaces (np.add.reduceat with a dtype cast was 20x slower than this)
-    sums = hdrs.sum(1, dtype=np.int64) - hdrs[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+    sums = _header_sums(hdrs)
     digits = hdrs[:, 148:154].astype(np.int64) - 48
     if ((digits >= 0) & (digits < 8)).all():              # the usual "%06o\0 " field, parsed in one go
         stored = digits @ _OCTAL
@@ -136,6 +134,91 @@ def _verify_checksums(buf: bytes, heads: list[int]) -> None:
     bad = np.flatnonzero(sums != stored)
     if len(bad):
         raise CorruptShard(f"tar header checksum mismatch at byte {heads[bad[0]]}")
+
+
+def _header_sums(hdrs: np.ndarray) -> np.ndarray:
+    """The tar checksum of each header row: the checksum field itself counts as eight spaces (np.add.reduceat with
+    a dtype cast was 20x slower than this)."""
+    return hdrs.sum(1, dtype=np.int64) - hdrs[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+
+
+@dataclass
+class _Regular:
+    """Samples [lo, hi) of a c2i shard in the regular layout, located without walking it member by member."""
+    data: np.ndarray       # the shard's bytes (uint8, zero-copy)
+    codes_at: np.ndarray   # (hi - lo,) byte offset of each sample's codes array (past its .npy header)
+    labels: np.ndarray     # (hi - lo,) int64
+
+
+def _regular_c2i(buf: bytes, seg: Segment, dec: "_CodesDecoder") -> _Regular | None:
+    """The layout ShardWriter writes for c2i, located arithmetically: when every sample has the members of sample 0
+    with the same padded sizes, sample i's headers sit at i * stride + fixed offsets. All headers of samples
+    [0, hi) are then verified at once (checksum, type, name, one key per sample and a new key per sample, size,
+    the codes' .npy header, the label's digits). Any mismatch returns None and the member walker reads the shard,
+    with its own errors for what is wrong; a match gives the walker's result at numpy speed."""
+    n = len(buf)
+    pattern: list[tuple[bytes, int, int]] = []   # sample 0: (extension, offset, size) per member
+    off, key0 = 0, None
+    while off + _BLOCK <= n and buf[off] != 0:
+        name = buf[off:off + 100].split(b"\0", 1)[0]
+        key, dot, ext = name.partition(b".")
+        if not dot or not key or b"/" in name or buf[off + 156] not in (48, 0):
+            return None
+        if key0 is None:
+            key0 = key
+        elif key != key0:
+            break
+        try:
+            size = int(buf[off + 124:off + 135], 8)
+        except ValueError:
+            return None
+        pattern.append((ext, off, size))
+        off += _BLOCK + -(-size // _BLOCK) * _BLOCK
+    exts = [p[0] for p in pattern]
+    stride = off
+    if key0 is None or exts.count(b"codes.npy") != 1 or exts.count(b"cls") != 1 or stride * seg.hi > n:
+        return None
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    heads = np.arange(seg.hi)[:, None] * stride + np.array([p[1] for p in pattern])[None]     # (hi, members)
+    hdr = arr[heads.reshape(-1, 1) + np.arange(_BLOCK)]                                         # (hi*members, 512)
+    digits = hdr[:, 148:154].astype(np.int64) - 48
+    if ((digits < 0) | (digits > 7)).any() or (digits @ _OCTAL != _header_sums(hdr)).any():
+        return None
+    hdr = hdr.reshape(seg.hi, len(pattern), _BLOCK)
+    if not np.isin(hdr[:, :, 156], (48, 0)).all():
+        return None
+    klen = len(key0)
+    keys = hdr[:, :, :klen]
+    if not ((keys == keys[:, :1]).all() and np.isin(keys, (0, ord("."))).sum() == 0):
+        return None                                               # one key per sample, no "." or NUL inside it
+    if seg.hi > 1 and (keys[1:, 0] == keys[:-1, 0]).all(axis=1).any():
+        return None                                               # neighbours with one key would merge
+    size_digits = hdr[:, :, 124:135].astype(np.int64) - 48
+    if ((size_digits < 0) | (size_digits > 7)).any():
+        return None
+    sizes = size_digits @ (8 ** np.arange(10, -1, -1))                                        # (hi, members)
+    for j, (ext, _, size) in enumerate(pattern):
+        tail = np.frombuffer(b"." + ext + b"\0", dtype=np.uint8)
+        if not (hdr[:, j, klen:klen + len(tail)] == tail).all():
+            return None
+        if (-(-sizes[:, j] // _BLOCK) != -(-size // _BLOCK)).any():
+            return None
+    jc, jl = exts.index(b"codes.npy"), exts.index(b"cls")
+    hlen = len(dec.header)
+    codes_data = heads[seg.lo:, jc] + _BLOCK
+    if (sizes[seg.lo:, jc] != dec.size).any() or not (
+            arr[codes_data[:, None] + np.arange(hlen)] == np.frombuffer(dec.header, dtype=np.uint8)).all():
+        return None
+    lens = sizes[seg.lo:, jl]
+    width = int(lens.max(initial=0))
+    if width == 0 or width > 18 or (lens == 0).any():
+        return None
+    label_digits = arr[heads[seg.lo:, jl, None] + _BLOCK + np.arange(width)].astype(np.int64) - 48
+    used = np.arange(width)[None] < lens[:, None]
+    if (used & ((label_digits < 0) | (label_digits > 9))).any():
+        return None
+    place = np.where(used, 10 ** np.maximum(lens[:, None] - 1 - np.arange(width), 0), 0)
+    return _Regular(arr, codes_data + hlen, (label_digits * place).sum(1))
 
 
 def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
@@ -151,17 +234,22 @@ def fetch(url: str) -> bytes:
     return fs.cat_file(path)
 
 
-def _read_segment(url: str, seg: Segment, counter: list[int], raw: Future | None = None) -> list[dict[str, bytes]]:
-    """Members of samples [seg.lo, seg.hi) of one shard, grouped per sample, in stored order.
+def _read_segment(url: str, seg: Segment, counter: list[int], raw: Future | None = None,
+                  regular: "_CodesDecoder | None" = None) -> list[dict[str, bytes]] | _Regular:
+    """Members of samples [seg.lo, seg.hi) of one shard, grouped per sample, in stored order; or, given the c2i
+    codes decoder `regular`, the located samples of a regular c2i shard (_Regular).
 
-    The shard is read whole into memory (one sequential read, or one GET on S3) and gunzipped at C speed;
+    The shard is read whole into memory (one sequential read, or one GET on S3) and inflated at C speed;
     shards are a few MB, and blocks are cut at shard boundaries, so a block needs its shards whole. `raw` is a
     read started ahead of time (see loader._BlockStream); it is used for the first attempt only.
     """
     buf = raw.result() if raw is not None else fetch(url)   # a prefetched read's error is handled like any other
     counter[0] += len(buf)
-    if buf[:2] == b"\x1f\x8b":
-        buf = gzip.decompress(buf)
+    buf = shard_format.decompress(buf)
+    if regular is not None:
+        located = _regular_c2i(buf, seg, regular)
+        if located is not None:
+            return located
     members = _fast_members(buf)
     if members is None:
         members = _tarfile_members(buf)
@@ -214,7 +302,8 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
     was being decoded (network time overlaps CPU time)."""
     t0 = time.perf_counter()
     ev = ReadEvents(url=src.url, block=f"(epoch {block.epoch}, block {block.index})")
-    members: list[dict[str, bytes] | None] = []
+    fast_codes = _CodesDecoder(src.n_aug, src.seq_len)
+    parts: list[list[dict[str, bytes]] | _Regular | None] = []   # per segment; None: a confirmed-corrupt shard
     for i, seg in enumerate(block.segments):
         url = src.shard_urls[seg.shard]
         counter = [0]
@@ -223,33 +312,49 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
         def note(reason: str) -> None:
             ev.retries += 1
 
-        def attempt() -> list[dict[str, bytes]]:
+        def attempt() -> list[dict[str, bytes]] | _Regular:
             raw, first[0] = first[0], None
-            return _read_segment(url, seg, counter, raw)
+            return _read_segment(url, seg, counter, raw, fast_codes if task == "c2i" else None)
 
         try:
-            members.extend(read_with_retry(url, attempt, retry, on_retry=note))
+            parts.append(read_with_retry(url, attempt, retry, on_retry=note))
         except ShardCorrupt as e:
             log.debug("skipping %d samples of corrupt shard %s: %s", seg.hi - seg.lo, url, e.reason)
             ev.corrupt.append((url, e.reason))
-            members.extend([None] * (seg.hi - seg.lo))
+            parts.append(None)
         ev.bytes += counter[0]
 
-    order = block.order[offset:].tolist()
+    order = block.order[offset:]
     n = len(order)
     codes = np.zeros((n, src.seq_len), dtype=np.uint16)   # the stored dtype: half the bytes between processes
     present = np.zeros(n, dtype=bool)
     labels = np.full(n, -1, dtype=np.int64)
     feat_lens = np.zeros(n, dtype=np.int32)
     feats: list[torch.Tensor] = []
-    fast_codes = _CodesDecoder(src.n_aug, src.seq_len)
-    augs = block.augs[offset:].tolist()
-    # c2i fast path: payloads of well-formed codes members are joined and sliced in one numpy gather
+    augs_np = block.augs[offset:]
+    starts = np.cumsum([0] + [seg.hi - seg.lo for seg in block.segments])
+    part_of = np.searchsorted(starts, order, side="right") - 1   # output row -> its segment, and row within it
+    local = order - starts[part_of]
+    members: list[dict[str, bytes] | None] = [None] * n           # member-walked rows, in output order
+    for i, part in enumerate(parts):
+        rows = np.flatnonzero(part_of == i)
+        if part is None or not len(rows):
+            continue
+        if isinstance(part, _Regular):
+            row_bytes = 2 * src.seq_len
+            at = part.codes_at[local[rows]] + augs_np[rows] * row_bytes
+            codes[rows] = part.data[at[:, None] + np.arange(row_bytes)].view("<u2")
+            labels[rows] = part.labels[local[rows]]
+            present[rows] = True
+        else:
+            for k, j in zip(rows.tolist(), local[rows].tolist()):
+                members[k] = part[j]
+    augs = augs_np.tolist()
     fast_rows: list[int] = []
     fast_payloads: list[memoryview] = []
     hlen = len(fast_codes.header)
     for k in range(n):
-        m = members[order[k]]
+        m = members[k]
         if m is None:
             continue
         if task == "c2i":

@@ -22,6 +22,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+import zstandard
+
 from argen.data_pipeline.shard_format import ShardFormatError
 
 log = logging.getLogger("argen.data")
@@ -65,7 +67,7 @@ class ShardUnreadable(Exception):
 
 
 _CORRUPT_TYPES = (CorruptShard, ShardFormatError, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error,
-                  UnicodeDecodeError)
+                  zstandard.ZstdError, UnicodeDecodeError)
 
 
 def is_corrupt_looking(exc: BaseException) -> bool:

@@ -13,10 +13,12 @@ A data set is a directory (local path or `s3://bucket/prefix`) holding
 
 Shards
 ------
-Each shard is a POSIX tar (GNU format), optionally gzip-compressed as a whole (`compression: "gzip"`, file name
-`shard-NNNNNN.tar.gz`; `tarfile` mode "r|*" and webdataset read both transparently). Shards are written to a local
-temp file and committed whole (local: rename; S3: one PUT), so a shard either exists complete or not at all.
-Bytes are deterministic (mtime 0, uid/gid 0, gzip mtime 0): rerunning a shard reproduces its sha256.
+Each shard is a POSIX tar (GNU format), optionally compressed as a whole: `compression: "gzip"` (file name
+`shard-NNNNNN.tar.gz`; `tarfile` mode "r|*" and webdataset read it transparently) or `"zstd"` (`.tar.zst`, about the
+same bytes as gzip and about 5x faster to inflate, which matters to the loader: codes are nearly incompressible, so
+inflating is most of its work; other tools need `zstd -d` first). Shards are written to a local temp file and
+committed whole (local: rename; S3: one PUT), so a shard either exists complete or not at all. Bytes are
+deterministic (mtime 0, uid/gid 0, gzip mtime 0, single-threaded zstd): rerunning a shard reproduces its sha256.
 
 Samples are consecutive tar members sharing a key (WebDataset convention, key = member name up to the first dot):
 
@@ -43,7 +45,7 @@ manifest.json
       "augmentations": ["r1.1/tl", ..., "r1.05/br-flip"],      # one name per codes row
       "conditioning": "class" | "caption",  "num_classes": 1000 | null,
       "t5": null | {"model": "...", "dim": 2048, "dtype": "bfloat16", "max_length": 120},
-      "compression": "gzip" | "none",
+      "compression": "gzip" | "zstd" | "none",
       "shards": [{"name": "shard-000000.tar.gz", "num_samples": 1000, "bytes": 123, "sha256": "..."}, ...],
       "num_samples": 1281167,
       "skipped": {"corrupt": 3, "too_small": 12, ...},         # inputs not stored, by reason
@@ -74,7 +76,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MAX_CODEBOOK = 65536  # uint16
 T5_DTYPES = ("bfloat16", "float16")
-COMPRESSIONS = ("gzip", "none")
+COMPRESSIONS = ("gzip", "zstd", "none")
+_SUFFIX = {"gzip": ".gz", "zstd": ".zst", "none": ""}
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class ShardFormatError(ArgenError):
@@ -86,11 +90,22 @@ class ShardFormatError(ArgenError):
 def shard_name(index: int, compression: str = "gzip") -> str:
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    return f"shard-{index:06d}.tar" + (".gz" if compression == "gzip" else "")
+    return f"shard-{index:06d}.tar" + _SUFFIX[compression]
 
 
 def shard_url(prefix: str, index: int, compression: str = "gzip") -> str:
     return storage.join(prefix, shard_name(index, compression))
+
+
+def decompress(data: bytes) -> bytes:
+    """A shard's tar bytes, whatever its compression (told by the magic bytes, not the name)."""
+    if data[:2] == b"\x1f\x8b":
+        return gzip.decompress(data)
+    if data[:4] == _ZSTD_MAGIC:
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 34)
+    return data
 
 
 def manifest_url(prefix: str) -> str:
@@ -344,9 +359,14 @@ class ShardWriter:
         self._keys: set[str] = set()
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".part", dir=tmp_dir)
         self._raw: IO = os.fdopen(fd, "wb")
-        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0,
-                                 compresslevel=compresslevel) if compression == "gzip" else None
-        self._tar = tarfile.open(fileobj=self._gz or self._raw, mode="w|", format=tarfile.GNU_FORMAT)
+        self._z: IO | None = None
+        if compression == "gzip":
+            self._z = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=compresslevel)
+        elif compression == "zstd":
+            import zstandard
+
+            self._z = zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(self._raw, closefd=False)
+        self._tar = tarfile.open(fileobj=self._z or self._raw, mode="w|", format=tarfile.GNU_FORMAT)
         self._closed = False
 
     def write(self, members: dict[str, bytes]) -> None:
@@ -367,8 +387,8 @@ class ShardWriter:
     def _close(self) -> None:
         if not self._closed:
             self._tar.close()
-            if self._gz is not None:
-                self._gz.close()
+            if self._z is not None:
+                self._z.close()
             self._raw.close()
             self._closed = True
 
@@ -396,7 +416,8 @@ class ShardWriter:
 
 
 def iter_tar_samples(fileobj: IO, where: str = "shard") -> Iterator[dict[str, bytes]]:
-    """Group the members of a (possibly gzipped) tar stream into sample dicts {"__key__", ext: bytes}."""
+    """Group the members of a tar stream (plain or gzip; see decompress for zstd) into sample dicts
+    {"__key__", ext: bytes}."""
     current: dict[str, bytes] | None = None
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
@@ -423,17 +444,17 @@ def iter_tar_samples(fileobj: IO, where: str = "shard") -> Iterator[dict[str, by
 def read_shard(url: str, t5_dtype: str | None = "bfloat16", expect_shape: tuple[int, int] | None = None,
                verify_sha256: str | None = None) -> Iterator[Sample]:
     """Decoded samples of one shard in stored order (optionally checking the whole file's sha256 first)."""
+    data = storage.read_bytes(url)  # shards are a few MB: one read
     if verify_sha256 is not None:
-        data = storage.read_bytes(url)
         got = hashlib.sha256(data).hexdigest()
         if got != verify_sha256:
             raise ShardFormatError(f"{url}: sha256 {got} does not match the manifest ({verify_sha256})")
-        for members in iter_tar_samples(io.BytesIO(data), str(url)):
-            yield decode_sample(members, t5_dtype, expect_shape)
-        return
-    with storage.open_url(url, "rb") as f:
-        for members in iter_tar_samples(f, str(url)):
-            yield decode_sample(members, t5_dtype, expect_shape)
+    try:
+        data = decompress(data)
+    except Exception as e:  # zstandard.ZstdError and friends
+        raise ShardFormatError(f"{url}: corrupt or truncated shard ({e})") from None
+    for members in iter_tar_samples(io.BytesIO(data), str(url)):
+        yield decode_sample(members, t5_dtype, expect_shape)
 
 
 def read_dataset(prefix: str, verify: bool = False) -> tuple[Manifest, Iterator[Sample]]:

@@ -71,7 +71,7 @@ class TextSection:
 class OutputSection:
     url: str = ""                           # local path or s3://bucket/prefix
     samples_per_shard: int = 1000           # indexed sources; img2dataset keeps one output shard per input tar
-    compression: Literal["gzip", "none"] = "gzip"
+    compression: Literal["gzip", "zstd", "none"] = "gzip"   # zstd: same bytes, ~5x faster for the loader
 
     def validate(self) -> None:
         if not self.url:
