@@ -4,7 +4,7 @@ Baseline = LlamaGen extract_codes_c2i.py as published: ImageFolder, batch size 1
 forward), one run per crop range (the released recipe runs it at 1.1 and at 1.05), and per image one int64
 `codes/{i}.npy` of shape (1, 10, T) plus one `labels/{i}.npy`.
 argen = `argen tokenize` (TokenizeJob): one pass decodes each image once for both crop ranges, encodes crops of
-several images per forward, writes uint16 codes into gzip WebDataset shards with a manifest.
+several images per forward, writes uint16 codes into zstd WebDataset shards (the default) with a manifest.
 
 Both use the same crop code (argen.tokenize_offline.images, which reproduces center_crop_arr + TenCrop), the same
 decoding workers and the same torch thread count; the script checks that both produce the same codes (up to argmin near-ties that batch-size-
@@ -152,7 +152,7 @@ def main() -> None:
         best_ref, cpu_ref = min(best_ref, t), min(cpu_ref, c)
         arg_out = work / f"argen{rep}"
         t, c, m = run_argen(work / "train", vq_dir, args.image_size, args.crop_ranges, arg_out, args.workers,
-                            args.threads, args.crops_per_forward, "gzip", args.vq_dtype)
+                            args.threads, args.crops_per_forward, "zstd", args.vq_dtype)
         best_argen, cpu_argen = min(best_argen, t), min(cpu_argen, c)
     _, _, m_plain = run_argen(work / "train", vq_dir, args.image_size, args.crop_ranges, work / "argen-plain",
                            args.workers, args.threads, args.crops_per_forward, "none")
@@ -181,7 +181,7 @@ def main() -> None:
     print(f"codes agree at {agreement:.4%} of {total} positions over {checked} images (the rest: {why})\n")
     print(f"{'':28s}{'images/s':>10s}{'img/cpu-s':>10s}{'files':>8s}{'bytes':>12s}{'on disk':>12s}")
     print(f"{'reference layout (bs 1)':28s}{n / best_ref:10.1f}{n / cpu_ref:10.1f}{rf:8d}{rb:12d}{rd:12d}")
-    print(f"{'argen (gzip shards)':28s}{n / best_argen:10.1f}{n / cpu_argen:10.1f}{af:8d}{ab:12d}{ad:12d}")
+    print(f"{'argen (zstd shards)':28s}{n / best_argen:10.1f}{n / cpu_argen:10.1f}{af:8d}{ab:12d}{ad:12d}")
     print(f"{'argen (plain tar shards)':28s}{'':20s}{pf:8d}{pb:12d}{pd:12d}")
     print(f"\nratio argen/reference: images/s x{best_ref / best_argen:.2f} (per CPU-second x{cpu_ref / cpu_argen:.2f}), "
           f"bytes {ab / rb:.3f} "
@@ -192,7 +192,7 @@ def main() -> None:
 
 def worst_case_bytes() -> None:
     """Bytes per sample when the codes are incompressible (uniform over a 16384 codebook: a trained VQ-16 on
-    real photos is close to this); a random-init demo VQ uses few codes and flatters gzip."""
+    real photos is close to this); a random-init demo VQ uses few codes and flatters compression."""
     import tempfile as tf
 
     rng = np.random.default_rng(0)
@@ -200,7 +200,7 @@ def worst_case_bytes() -> None:
     for size, grid in ((256, 16), (384, 24)):
         ref = 2 * ((128 + 10 * grid * grid * 8) + (128 + 8))  # per crop range: (1,10,T) int64 .npy + (1,) label .npy
         row = [f"  {size} px ({grid}x{grid}): reference {ref} B/image"]
-        for comp in ("gzip", "none"):
+        for comp in ("zstd", "gzip", "none"):
             with sf.ShardWriter(tf.mkdtemp(), 0, compression=comp) as w:
                 for i in range(1000):
                     w.write(sf.encode_sample(i, rng.integers(0, 16384, (20, grid * grid)), label=i % 1000))

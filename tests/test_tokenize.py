@@ -287,7 +287,7 @@ def test_img2dataset_captions_and_t5_features(tmp_path, vq_dir, t5_dir):
     assert m.t5 == {"model": t5_dir, "dim": 16, "dtype": "bfloat16", "max_length": 120}
     assert m.skipped.get("unreadable_source") == 1 and m.skipped.get("missing_image") == 1
     assert m.skipped.get("no_caption", 0) >= 2  # blank and missing captions (shards 0 and 1)
-    assert [s.name for s in m.shards] == ["shard-000000.tar.gz", "shard-000001.tar.gz", "shard-000002.tar.gz"]
+    assert [s.name for s in m.shards] == ["shard-000000.tar.zst", "shard-000001.tar.zst", "shard-000002.tar.zst"]
     enc = T5TextEncoder(t5_dir, dtype=torch.bfloat16)
     vq = M.load(vq_dir)
     for key, s in samples.items():

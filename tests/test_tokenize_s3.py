@@ -18,7 +18,7 @@ def test_synthetic_to_s3_equals_local(tmp_path, vq_dir, s3_bucket):  # noqa: F81
     prefix = f"{s3_bucket}/synthetic16"
     cfg = make_cfg(vq_dir, prefix, *common)
     run(cfg, part=__import__("argen.tokenize_offline.job", fromlist=["Part"]).Part(1, 2, "flags"))
-    assert storage.list_names(prefix) == ["_work", "shard-000001.tar.gz"]
+    assert storage.list_names(prefix) == ["_work", "shard-000001.tar.zst"]
     job, stats = run(cfg)  # one part now: resumes shard 1, writes 0 and 2
     assert stats["resumed"] == 1 and stats["written"] == 2
     m = job.finalize()

@@ -36,11 +36,11 @@ Faults: a shard read that fails is retried with backoff (retry.py); confirmed-co
 samples are skipped, logged and counted in stats(); more than `max_corrupt_shards` distinct corrupt shards stop
 training with an ArgenError; a shard that stays unreadable after the retry budget is an ArgenError that names it.
 
-Who does what: fsspec/s3fs fetch each shard whole with one GET (storage.py), a small tar header walker splits it
-(reader.py; Python's tarfile for anything unusual), shard_format.decode_sample decodes samples (with a fast path
-for the codes array), torch DataLoader worker processes read blocks (a thread does it when num_workers=0) while a
-thread per worker prefetches the next block's shards, and this module assembles batches in the main process in a
-fixed order.
+Who does what: boto3 (S3) or fsspec (files) fetch each shard whole with one GET (storage.read_whole); a regular c2i
+shard is located arithmetically and verified with numpy, anything else is split by a small tar header walker
+(reader.py; Python's tarfile for anything unusual) and decoded by shard_format.decode_sample; torch DataLoader
+worker processes read blocks (a thread does it when num_workers=0) while a thread per worker prefetches the next
+block's shards, and this module assembles batches in the main process in a fixed order.
 """
 from __future__ import annotations
 

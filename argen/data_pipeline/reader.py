@@ -1,4 +1,5 @@
-"""Reading one planned block: its shards through fsspec, split, decoded, permuted, one augmentation per sample.
+"""Reading one planned block: its shards fetched whole (boto3 for S3, fsspec otherwise), split, decoded, permuted,
+one augmentation per sample.
 
 Runs inside loader workers (or the prefetch thread). A block is made of whole shard segments (sampler.py), so
 each shard is fetched whole with one GET and, if compressed, inflated at C speed. A small header walker splits the tar
@@ -145,8 +146,7 @@ def _header_sums(hdrs: np.ndarray) -> np.ndarray:
 @dataclass
 class _Regular:
     """Samples [lo, hi) of a c2i shard in the regular layout, located without walking it member by member."""
-    data: np.ndarray       # the shard's bytes (uint8, zero-copy)
-    codes_at: np.ndarray   # (hi - lo,) byte offset of each sample's codes array (past its .npy header)
+    codes: np.ndarray      # (hi - lo, n_aug, seq_len) uint16: a strided view into the shard's bytes
     labels: np.ndarray     # (hi - lo,) int64
 
 
@@ -178,9 +178,10 @@ def _regular_c2i(buf: bytes, seg: Segment, dec: "_CodesDecoder") -> _Regular | N
     stride = off
     if key0 is None or exts.count(b"codes.npy") != 1 or exts.count(b"cls") != 1 or stride * seg.hi > n:
         return None
-    arr = np.frombuffer(buf, dtype=np.uint8)
+    # every member starts on a 512-byte boundary: the shard as rows of 512 bytes, and headers are rows of it
+    rows = np.frombuffer(buf, dtype=np.uint8, count=n // _BLOCK * _BLOCK).reshape(-1, _BLOCK)
     heads = np.arange(seg.hi)[:, None] * stride + np.array([p[1] for p in pattern])[None]     # (hi, members)
-    hdr = arr[heads.reshape(-1, 1) + np.arange(_BLOCK)]                                         # (hi*members, 512)
+    hdr = rows[heads.reshape(-1) // _BLOCK]                                                     # (hi*members, 512)
     digits = hdr[:, 148:154].astype(np.int64) - 48
     if ((digits < 0) | (digits > 7)).any() or (digits @ _OCTAL != _header_sums(hdr)).any():
         return None
@@ -205,20 +206,25 @@ def _regular_c2i(buf: bytes, seg: Segment, dec: "_CodesDecoder") -> _Regular | N
             return None
     jc, jl = exts.index(b"codes.npy"), exts.index(b"cls")
     hlen = len(dec.header)
-    codes_data = heads[seg.lo:, jc] + _BLOCK
+    data_rows = heads[seg.lo:] // _BLOCK + 1                     # each member's data starts one row on
     if (sizes[seg.lo:, jc] != dec.size).any() or not (
-            arr[codes_data[:, None] + np.arange(hlen)] == np.frombuffer(dec.header, dtype=np.uint8)).all():
+            rows[data_rows[:, jc], :hlen] == np.frombuffer(dec.header, dtype=np.uint8)).all():
         return None
     lens = sizes[seg.lo:, jl]
     width = int(lens.max(initial=0))
     if width == 0 or width > 18 or (lens == 0).any():
         return None
-    label_digits = arr[heads[seg.lo:, jl, None] + _BLOCK + np.arange(width)].astype(np.int64) - 48
+    label_digits = rows[data_rows[:, jl], :width].astype(np.int64) - 48
     used = np.arange(width)[None] < lens[:, None]
     if (used & ((label_digits < 0) | (label_digits > 9))).any():
         return None
     place = np.where(used, 10 ** np.maximum(lens[:, None] - 1 - np.arange(width), 0), 0)
-    return _Regular(arr, codes_data + hlen, (label_digits * place).sum(1))
+    first = int(data_rows[0, jc]) * _BLOCK + hlen                 # sample lo's codes; the next ones every stride
+    n_aug, seq_len = dec.shape
+    flat = np.frombuffer(buf, dtype="<u2", offset=first, count=(n - first) // 2)
+    codes = np.lib.stride_tricks.as_strided(flat, shape=(seg.hi - seg.lo, n_aug, seq_len),
+                                            strides=(stride, 2 * seq_len, 2), writeable=False)
+    return _Regular(codes, (label_digits * place).sum(1))
 
 
 def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
@@ -230,8 +236,7 @@ def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
 
 def fetch(url: str) -> bytes:
     """A whole shard's bytes: one GET on S3 (no HEAD first); a missing object raises FileNotFoundError."""
-    fs, path = storage.get_fs(url)
-    return fs.cat_file(path)
+    return storage.read_whole(url)
 
 
 def _read_segment(url: str, seg: Segment, counter: list[int], raw: Future | None = None,
@@ -341,9 +346,7 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
         if part is None or not len(rows):
             continue
         if isinstance(part, _Regular):
-            row_bytes = 2 * src.seq_len
-            at = part.codes_at[local[rows]] + augs_np[rows] * row_bytes
-            codes[rows] = part.data[at[:, None] + np.arange(row_bytes)].view("<u2")
+            codes[rows] = part.codes[local[rows], augs_np[rows]]
             labels[rows] = part.labels[local[rows]]
             present[rows] = True
         else:

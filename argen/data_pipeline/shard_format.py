@@ -6,8 +6,8 @@ Format version 1
 A data set is a directory (local path or `s3://bucket/prefix`) holding
 
     manifest.json                 written last; its presence means the data set is complete
-    shard-000000.tar[.gz]         WebDataset tar shards, numbered from 0
-    shard-000001.tar[.gz]
+    shard-000000.tar[.zst|.gz]    WebDataset tar shards, numbered from 0
+    shard-000001.tar[.zst|.gz]
     ...
     _work/                        (only while a job runs) per-shard records used to resume and to finalize
 
@@ -344,7 +344,7 @@ def sha256_file(path: str) -> str:
 
 
 class ShardWriter:
-    """Write one shard to a local temp file, then commit it whole to `url_prefix/shard-NNNNNN.tar[.gz]`.
+    """Write one shard to a local temp file, then commit it whole to `url_prefix/shard-NNNNNN.tar[.zst|.gz]`.
 
         with ShardWriter(prefix, index) as w:
             for ...: w.write(encode_sample(...))
@@ -359,14 +359,10 @@ class ShardWriter:
         self._keys: set[str] = set()
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".part", dir=tmp_dir)
         self._raw: IO = os.fdopen(fd, "wb")
-        self._z: IO | None = None
-        if compression == "gzip":
-            self._z = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=compresslevel)
-        elif compression == "zstd":
-            import zstandard
-
-            self._z = zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(self._raw, closefd=False)
-        self._tar = tarfile.open(fileobj=self._z or self._raw, mode="w|", format=tarfile.GNU_FORMAT)
+        self._compression = compression
+        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0,
+                                 compresslevel=compresslevel) if compression == "gzip" else None
+        self._tar = tarfile.open(fileobj=self._gz or self._raw, mode="w|", format=tarfile.GNU_FORMAT)
         self._closed = False
 
     def write(self, members: dict[str, bytes]) -> None:
@@ -387,10 +383,27 @@ class ShardWriter:
     def _close(self) -> None:
         if not self._closed:
             self._tar.close()
-            if self._z is not None:
-                self._z.close()
+            if self._gz is not None:
+                self._gz.close()
             self._raw.close()
             self._closed = True
+            if self._compression == "zstd":
+                self._zstd_in_place()
+
+    def _zstd_in_place(self) -> None:
+        """Compress the finished tar as one zstd frame that records its size, so a reader inflates it into one
+        buffer of the right size (a streamed frame does not know its size)."""
+        import zstandard
+
+        packed = self._tmp + ".zst"
+        try:
+            with open(self._tmp, "rb") as src, open(packed, "wb") as dst:
+                zstandard.ZstdCompressor(level=3, write_checksum=True).copy_stream(
+                    src, dst, size=os.path.getsize(self._tmp))
+            os.replace(packed, self._tmp)
+        finally:
+            if os.path.exists(packed):
+                os.remove(packed)
 
     def commit(self) -> ShardInfo:
         """Close, checksum and upload/rename in one atomic step; returns the shard's manifest entry."""

@@ -71,7 +71,8 @@ class TextSection:
 class OutputSection:
     url: str = ""                           # local path or s3://bucket/prefix
     samples_per_shard: int = 1000           # indexed sources; img2dataset keeps one output shard per input tar
-    compression: Literal["gzip", "zstd", "none"] = "gzip"   # zstd: same bytes, ~5x faster for the loader
+    # zstd: about gzip's bytes, ~5x faster for the loader to inflate; gzip: readable by the webdataset library as is
+    compression: Literal["zstd", "gzip", "none"] = "zstd"
 
     def validate(self) -> None:
         if not self.url:
