@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                     help="GPT weights and KV cache (auto: bf16 on an accelerator, fp32 on CPU)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="compile the decode step (auto: with CUDA graphs on an accelerator, eager on CPU)")
+                    help="compile the decode step (auto: with CUDA graphs on an accelerator, eager on CPU; on a CPU "
+                         "'on' halves the decode step of a long-running server for a 15-40 s warm-up)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--log-level", default="INFO")
     return ap
