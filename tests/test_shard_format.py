@@ -177,3 +177,13 @@ def test_s3_fixture_fails_in_ci_and_skips_elsewhere(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="no S3 server"):
         s3_fixture._unavailable("nothing answers")
     assert not s3_fixture.answers("http://127.0.0.1:9", timeout=0.5)
+
+
+def test_corrupt_zstd_shard_is_a_format_error(tmp_path):
+    prefix = str(tmp_path / "ds")
+    info, _ = _write(prefix, 0, 5, compression="zstd")
+    path = tmp_path / "ds" / info.name
+    data = path.read_bytes()
+    path.write_bytes(data[:40] + bytes(len(data) - 40))        # frame header kept, the rest zeroed
+    with pytest.raises(sf.ShardFormatError, match="corrupt or truncated"):
+        list(sf.read_shard(str(path), expect_shape=(2, 16)))

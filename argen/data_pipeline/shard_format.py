@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
 import numpy as np
+import zstandard
 
 from argen.data_pipeline import storage
 from argen.errors import ArgenError
@@ -102,8 +103,6 @@ def decompress(data: bytes) -> bytes:
     if data[:2] == b"\x1f\x8b":
         return gzip.decompress(data)
     if data[:4] == _ZSTD_MAGIC:
-        import zstandard
-
         return zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 34)
     return data
 
@@ -393,8 +392,6 @@ class ShardWriter:
     def _zstd_in_place(self) -> None:
         """Compress the finished tar as one zstd frame that records its size, so a reader inflates it into one
         buffer of the right size (a streamed frame does not know its size)."""
-        import zstandard
-
         packed = self._tmp + ".zst"
         try:
             with open(self._tmp, "rb") as src, open(packed, "wb") as dst:
@@ -456,18 +453,31 @@ def iter_tar_samples(fileobj: IO, where: str = "shard") -> Iterator[dict[str, by
 
 def read_shard(url: str, t5_dtype: str | None = "bfloat16", expect_shape: tuple[int, int] | None = None,
                verify_sha256: str | None = None) -> Iterator[Sample]:
-    """Decoded samples of one shard in stored order (optionally checking the whole file's sha256 first)."""
-    data = storage.read_bytes(url)  # shards are a few MB: one read
+    """Decoded samples of one shard in stored order (optionally checking the whole file's sha256 first).
+    Without the check the shard is streamed, so a large caption shard is never held in memory whole."""
     if verify_sha256 is not None:
+        data = storage.read_bytes(url)
         got = hashlib.sha256(data).hexdigest()
         if got != verify_sha256:
             raise ShardFormatError(f"{url}: sha256 {got} does not match the manifest ({verify_sha256})")
+        yield from _decode_stream(io.BytesIO(data), url, t5_dtype, expect_shape)
+        return
+    with storage.open_url(url, "rb") as f:
+        yield from _decode_stream(f, url, t5_dtype, expect_shape)
+
+
+def _decode_stream(f: IO, url: str, t5_dtype: str | None, expect_shape: tuple[int, int] | None) -> Iterator[Sample]:
+    stream: IO = f
+    if f.read(4) == _ZSTD_MAGIC:  # tarfile reads plain and gzip streams itself, not zstd (before Python 3.14)
+        f.seek(0)
+        stream = zstandard.ZstdDecompressor().stream_reader(f)
+    else:
+        f.seek(0)
     try:
-        data = decompress(data)
-    except Exception as e:  # zstandard.ZstdError and friends
+        for members in iter_tar_samples(stream, str(url)):
+            yield decode_sample(members, t5_dtype, expect_shape)
+    except zstandard.ZstdError as e:
         raise ShardFormatError(f"{url}: corrupt or truncated shard ({e})") from None
-    for members in iter_tar_samples(io.BytesIO(data), str(url)):
-        yield decode_sample(members, t5_dtype, expect_shape)
 
 
 def read_dataset(prefix: str, verify: bool = False) -> tuple[Manifest, Iterator[Sample]]:
