@@ -9,7 +9,8 @@ import torch
 from argen.cli import main as argen_main
 from argen.errors import ArgenError
 from argen.eval.fid import feature_stats, frechet_distance
-from argen.eval.inception import InceptionV3, load_inception, save_inception, sha256_file
+from argen.data_pipeline.storage import sha256_file
+from argen.eval.inception import InceptionV3, load_inception, save_inception
 from argen.eval.npz import NpzImages, save_images
 from argen.eval.score import extract_features, score
 

@@ -334,14 +334,6 @@ def read_manifest(url: str) -> Manifest:
 
 # ------------------------------------------------------------------------------------------------- shards
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ShardWriter:
     """Write one shard to a local temp file, then commit it whole to `url_prefix/shard-NNNNNN.tar[.zst|.gz]`.
 
@@ -407,7 +399,7 @@ class ShardWriter:
         self._close()
         try:
             info = ShardInfo(name=self.name, num_samples=self.num_samples, bytes=os.path.getsize(self._tmp),
-                             sha256=sha256_file(self._tmp))
+                             sha256=storage.sha256_file(self._tmp))
             storage.put_file_atomic(self._tmp, self.url)
         finally:
             self.abort()

@@ -11,6 +11,7 @@ So a reader never sees half an object, whatever point a writer was killed at.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import shutil
@@ -107,6 +108,15 @@ def open_url(url: str, mode: str = "rb", **kwargs: Any) -> IO:
         if not fs.exists(path):
             raise FileNotFoundError(f"no such object: {url}")
     return fs.open(path, mode, **kwargs)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_bytes(url: str) -> bytes:

@@ -15,7 +15,6 @@ Weights: `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid release `fid_weight
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from functools import lru_cache
@@ -25,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from argen.data_pipeline.storage import sha256_file
 from argen.errors import ArgenError
+from argen.model.io import read_state_file
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -231,29 +232,6 @@ class InceptionV3(nn.Module):
         return {"pool": pool, "spatial": spatial, "logits": logits}
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or truncated downloads surface as many different exception types
-        raise ArgenError(f"cannot read Inception weights {path}: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ArgenError(f"{path} does not hold a state dict")
-    return state
-
-
 def save_inception(net: InceptionV3, path: str | Path) -> Path:
     """Save a (e.g. scaled-down test) network as .safetensors with its shape in the metadata."""
     from safetensors.torch import save_file
@@ -276,7 +254,7 @@ def _shape_meta(path: Path) -> dict:
 @lru_cache(maxsize=4)
 def _load_cached(path: str, mtime: float) -> tuple[InceptionV3, str]:
     p = Path(path)
-    state = _read_state(p)
+    state = read_state_file(p, "Inception weights")
     # Older/other ports may carry BatchNorm step counters or a torchvision aux head; neither affects the output.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") and not k.startswith("AuxLogits.")}
     net = InceptionV3(**_shape_meta(p))

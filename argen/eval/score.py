@@ -21,7 +21,8 @@ from argen import device as dev
 from argen.errors import ArgenError
 from argen.eval import EVALUATOR_VERSION
 from argen.eval.fid import feature_stats, frechet_distance
-from argen.eval.inception import InceptionV3, load_inception, sha256_file
+from argen.data_pipeline.storage import sha256_file
+from argen.eval.inception import InceptionV3, load_inception
 from argen.eval.metrics import inception_score, precision_recall
 from argen.eval.npz import NpzImages, load_stats, npz_keys
 

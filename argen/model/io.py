@@ -75,6 +75,23 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
+def read_state_file(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A state dict from a published weights file: .safetensors, or a torch pickle (weights only, mapped to the
+    CPU: some were saved from a GPU), unwrapped from {"state_dict": ...}. ArgenError naming the file otherwise."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or truncated downloads surface as many exception types
+        raise ArgenError(f"cannot read {what} {path}: {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ArgenError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from argen.errors import ArgenError
+from argen.model.io import load_state_strict, read_state_file
 
 VGG16_FILE = "vgg16-397923af.pth"
 LIN_FILE = "vgg.pth"
@@ -96,37 +97,17 @@ class LPIPS(nn.Module):
         """Load VGG16 features + LPIPS lin layers from `directory`; ArgenError naming any missing file."""
         d = cls.check_dir(directory)
         model = cls()
-        vgg = _load_torch(d / VGG16_FILE)
+        vgg = read_state_file(d / VGG16_FILE, "VGG16 weights")
         feats = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
-        _load_strict(model.features, feats, d / VGG16_FILE)
-        lin = _load_torch(d / LIN_FILE)
+        load_state_strict(model.features, feats, str(d / VGG16_FILE))
+        lin = read_state_file(d / LIN_FILE, "LPIPS weights")
         lin_expected = {f"lin{k}.model.1.weight" for k in range(5)}
         if set(lin) != lin_expected:
             raise ArgenError(f"{d / LIN_FILE}: expected keys {sorted(lin_expected)}, got {sorted(lin)[:8]}")
         for k in range(5):
-            _load_strict(getattr(model, f"lin{k}").model[1], {"weight": lin[f"lin{k}.model.1.weight"]}, d / LIN_FILE)
+            load_state_strict(getattr(model, f"lin{k}").model[1], {"weight": lin[f"lin{k}.model.1.weight"]},
+                              str(d / LIN_FILE))
         return model
-
-
-def _load_torch(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # map_location: the published vgg.pth is a legacy pickle whose storages were saved from the GPU
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ArgenError(f"cannot read {path}: {e}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ArgenError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return obj
-
-
-def _load_strict(module: nn.Module, state: dict, path: Path) -> None:
-    expected = module.state_dict()
-    if set(expected) != set(state) or any(tuple(expected[k].shape) != tuple(state[k].shape) for k in expected):
-        raise ArgenError(f"{path}: weights do not match {type(module).__name__} "
-                         f"(expected {len(expected)} tensors like {next(iter(expected))}, got {len(state)})")
-    module.load_state_dict(state, strict=True)
 
 
 def save_random_weights(directory: str | Path, seed: int = 0) -> Path:

@@ -160,6 +160,16 @@ class _Level(nn.Module):
         self.res = nn.ModuleList()
         self.attn = nn.ModuleList()
 
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, res in enumerate(self.res):
+            h = res(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                h = getattr(self, name)(h)
+        return h
+
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig):
@@ -188,12 +198,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.conv_blocks:
-            for i, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         for m in self.mid:
             h = m(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -232,12 +237,7 @@ class Decoder(nn.Module):
         for m in self.mid:
             h = m(h)
         for level in self.conv_blocks:
-            for i, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -79,7 +79,7 @@ def _file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sf.sha256_file(str(path))
+        _SHA_CACHE[key] = storage.sha256_file(path)
     return _SHA_CACHE[key]
 
 
