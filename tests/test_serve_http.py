@@ -303,3 +303,20 @@ def test_t2i_prompts_through_a_local_t5(tmp_path):
 def test_image_endpoint_takes_one_image(c2i_server):
     status, _, body = Client(c2i_server[0]).request("GET", "/v1/image?class_labels=1,2")
     assert status == 400 and "one image" in json.loads(body)["error"]
+
+
+def test_sample_cli_prompts_through_a_local_t5(tmp_path):
+    """`argen sample CKPT --prompts ... --t5 DIR` samples what the server samples for the same prompt and seed."""
+    import numpy as np
+
+    from argen.model import save
+    from argen.model.sample_cli import main as sample_main
+    from argen.serve.text import PromptEncoder
+    t5 = tiny_t5_dir(tmp_path / "t5")
+    model = tiny_gpt("t2i")
+    save(model, tmp_path / "gpt")
+    assert sample_main([str(tmp_path / "gpt"), "--prompts", "a red fox", "--t5", str(t5), "--cfg-scale", "2",
+                        "--top-k", "10", "--seed", "3", "--save-codes", str(tmp_path / "codes.npy")]) == 0
+    feats, mask = PromptEncoder(str(t5), slots=6, dim=24)(["a red fox"])
+    expected = argen.generate(model, feats, cond_mask=mask, seed=3, cfg_scale=2.0, top_k=10)
+    assert np.load(tmp_path / "codes.npy").tolist() == expected.tolist()

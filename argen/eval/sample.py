@@ -80,15 +80,6 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _parse_schedule(text):
-    if text is None or text in ("constant", "linear"):
-        return text
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise ArgenError(f"cfg_schedule must be constant, linear or an integer, got '{text}'") from None
-
-
 def _captions(path: str | None, model) -> dict | None:
     if model.config.model_type == "c2i":
         return None
@@ -143,9 +134,9 @@ class Sampler:
         return p
 
     def _images(self, p: SampleProtocol, cond, mask, seed) -> np.ndarray:
-        from argen.model.generate import generate
+        from argen.model.generate import generate, parse_cfg_schedule
         codes = generate(self.model, cond, cond_mask=mask, cfg_scale=p.cfg_scale,
-                         cfg_schedule=_parse_schedule(p.cfg_schedule), temperature=p.temperature, top_k=p.top_k,
+                         cfg_schedule=parse_cfg_schedule(p.cfg_schedule), temperature=p.temperature, top_k=p.top_k,
                          top_p=p.top_p, seed=seed)
         g = self.model.config.grid
         with torch.inference_mode():

@@ -30,10 +30,7 @@ def main(argv: list[str]) -> int:
         from argen.model.convert_llamagen import convert_llamagen_gpt
         out = convert_llamagen_gpt(args.src, args.out_dir, args.model, image_size=args.image_size, t2i=args.t2i)
     else:
-        try:
-            from argen.model.convert_vq import convert_llamagen_vq
-        except ImportError:
-            raise ArgenError("VQ conversion is not available in this build") from None
+        from argen.model.convert_vq import convert_llamagen_vq
         out = convert_llamagen_vq(args.src, args.out_dir, args.model)
     print(f"wrote {out}")
     return 0

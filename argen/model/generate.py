@@ -32,6 +32,21 @@ def cfg_scale_at(step: int, total: int, scale: float, schedule: CfgSchedule) -> 
     raise ArgenError(f"unknown cfg_schedule {schedule!r} (None, 'constant', 'linear', an int interval or a callable)")
 
 
+def uses_cfg(scale: float, schedule: CfgSchedule) -> bool:
+    """Whether a request runs the unconditional rows: a scale above 1, or a non-constant schedule away from 1."""
+    return scale > 1.0 or (schedule is not None and schedule != "constant" and scale != 1.0)
+
+
+def parse_cfg_schedule(text: str | None) -> CfgSchedule:
+    """A schedule given as text (CLI flags, protocol files): "constant", "linear" or an integer interval."""
+    if text is None or text in ("constant", "linear"):
+        return text
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ArgenError(f"cfg_schedule must be constant, linear or an integer, got '{text}'") from None
+
+
 def check_condition(model, cond: torch.Tensor, cond_mask: torch.Tensor | None) -> None:
     cfg = model.config
     if cfg.model_type == "c2i":
@@ -57,7 +72,7 @@ def generate(model, cond: torch.Tensor, *, cond_mask: torch.Tensor | None = None
     device = model.output.weight.device
     B, T = cond.shape[0], cfg.cls_token_num
     N = num_tokens or cfg.block_size
-    use_cfg = cfg_scale > 1.0 or (cfg_schedule is not None and cfg_schedule != "constant" and cfg_scale != 1.0)
+    use_cfg = uses_cfg(cfg_scale, cfg_schedule)
     cond = cond.to(device)
     if use_cfg:
         cond = torch.cat([cond, model.null_condition(B, device).to(cond.dtype)])

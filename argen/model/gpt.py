@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from argen.errors import ArgenError
 from argen.model.attention import attention
 
 
@@ -110,17 +111,16 @@ def gpt_config(name: str, image_size: int = 256, model_type: str = "c2i", downsa
     if name not in GPT_SIZES:
         import difflib
         close = difflib.get_close_matches(name, list(GPT_SIZES), n=1)
-        from argen.errors import ArgenError
         raise ArgenError(f"unknown model '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                          + f"; known: {', '.join(GPT_SIZES)}")
     n_layer, n_head, dim = GPT_SIZES[name]
     if image_size % downsample:
-        from argen.errors import ArgenError
         raise ArgenError(f"image_size {image_size} is not divisible by the tokenizer's downsampling {downsample}")
     grid = image_size // downsample
     t2i = model_type == "t2i"
     cfg = GPTConfig(name=name, n_layer=n_layer, n_head=n_head, dim=dim, model_type=model_type,  # type: ignore[arg-type]
-                    block_size=grid * grid, cls_token_num=120 if t2i else 1)
+                    block_size=grid * grid,
+                    cls_token_num=overrides.get("caption_len", GPTConfig.caption_len) if t2i else 1)
     cfg = replace(cfg, **overrides)
     cfg.validate()
     return cfg
@@ -151,9 +151,10 @@ def rope_2d_cache(grid: int, head_dim: int, base: float, prefix_len: int, prefix
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x: (B, S, H, D); rope: (S, D/2, 2). Interleaved pairs (2m, 2m+1), computed in fp32."""
+    """x: (B, S, H, D); rope: (S, D/2, 2), or (B, S, D/2, 2) for per-row positions (the serving engine).
+    Interleaved pairs (2m, 2m+1), computed in fp32."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    r = rope.view(1, xs.size(1), 1, xs.size(3), 2)
+    r = rope.unsqueeze(-3)  # broadcast over heads
     out = torch.stack([xs[..., 0] * r[..., 0] - xs[..., 1] * r[..., 1],
                        xs[..., 1] * r[..., 0] + xs[..., 0] * r[..., 1]], dim=-1)
     return out.flatten(3).type_as(x)
@@ -347,7 +348,7 @@ class GPT(nn.Module):
         # only positions T-1.. predict image tokens: skip the head on the rest of the prefix
         return self.output(self.norm(x[:, T - 1:])).float()
 
-    # ---- KV-cached decoding (used by argen.generate and argen.serve) ------------------------------------------
+    # ---- KV-cached decoding (argen.generate; argen.serve keeps its own static cache) -------------------------
     def setup_kv_cache(self, batch: int, max_seq: int, dtype=None, device=None) -> None:
         p = self.output.weight
         for layer in self.layers:

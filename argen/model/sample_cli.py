@@ -41,9 +41,6 @@ def _condition(model, args) -> tuple[torch.Tensor, torch.Tensor | None]:
             labels = [int(x) for x in args.labels.split(",") if x.strip()]
         except ValueError:
             raise ArgenError(f"--labels must be comma-separated integers, got '{args.labels}'") from None
-        bad = [l for l in labels if not 0 <= l < cfg.num_classes]
-        if bad:
-            raise ArgenError(f"class label out of range [0, {cfg.num_classes}): {bad}")
         return torch.tensor(labels, dtype=torch.long), None
     if args.captions:
         data = np.load(args.captions)
@@ -55,26 +52,15 @@ def _condition(model, args) -> tuple[torch.Tensor, torch.Tensor | None]:
     if args.prompts:
         if not args.t5:
             raise ArgenError("t2i prompts need --t5 PATH (a local T5 encoder directory)")
-        from argen.model.text_encoder import T5Encoder  # noqa: PLC0415 - optional heavy import
-        enc = T5Encoder(args.t5)
-        feats, mask = enc.encode_right_aligned(args.prompts, cfg.cls_token_num)
-        return feats, mask
+        from argen.serve.text import PromptEncoder  # noqa: PLC0415 - transformers is a heavy import
+        return PromptEncoder(args.t5, cfg.cls_token_num, cfg.caption_dim)(args.prompts)
     raise ArgenError("t2i models need --captions FILE.npz or --prompts with --t5")
-
-
-def parse_schedule(text: str | None):
-    if text is None or text in ("constant", "linear"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ArgenError(f"--cfg-schedule must be constant, linear or an integer, got '{text}'") from None
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from argen.model import load
-    from argen.model.generate import generate
+    from argen.model.generate import generate, parse_cfg_schedule
     device = dev.default_device()
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     model = load(args.ckpt, device=device, dtype=dtype)
@@ -84,7 +70,7 @@ def main(argv: list[str]) -> int:
     if cond.is_floating_point() and dtype is not None:
         cond = cond.to(dtype)
     codes = generate(model, cond.to(device), cond_mask=None if mask is None else mask.to(device),
-                     cfg_scale=args.cfg_scale, cfg_schedule=parse_schedule(args.cfg_schedule),
+                     cfg_scale=args.cfg_scale, cfg_schedule=parse_cfg_schedule(args.cfg_schedule),
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.save_codes:
         np.save(args.save_codes, codes.cpu().numpy().astype(np.int64))

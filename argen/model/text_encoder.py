@@ -4,9 +4,10 @@ Weights come from a local directory only (the reference expects `pretrained_mode
 written by `save_pretrained` for both the model (config.json + model.safetensors / pytorch_model.bin, possibly
 sharded) and the tokenizer (spiece.model or tokenizer.json). Nothing is downloaded; a missing file is named.
 
-Features follow the reference (LlamaGen language/t5.py): captions cleaned twice, tokenized to at most
+Features follow the reference (LlamaGen language/t5.py): captions cleaned twice (`clean_caption`: the tokenize job
+cleans before it stores, argen.serve.text.PromptEncoder before it encodes a prompt), tokenized to at most
 `max_length` (120) tokens with EOS, encoder last_hidden_state; unlike the reference, only the valid prefix
-(EOS included) is returned, never padded, and in bf16/fp16 rather than fp32.
+(EOS included) is returned, never padded, in `dtype` (bf16 by default).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from argen.model.gpt import GPT, GPT_SIZES, count_parameters, gpt_config
+from argen.model.vq import VQ_SIZES, VQModel
 
 
 def gpt_rows(image_size: int) -> list[tuple]:
@@ -21,16 +22,11 @@ def gpt_rows(image_size: int) -> list[tuple]:
 
 
 def vq_rows() -> list[tuple]:
-    try:
-        from argen.model.vq import VQ_SIZES, VQModel
-    except ImportError:
-        return []
     rows = []
     for name, cfg in VQ_SIZES.items():
         with torch.device("meta"):
             m = VQModel(cfg)
-        rows.append((name, getattr(cfg, "codebook_size", "?"), getattr(cfg, "codebook_embed_dim", getattr(cfg, "code_dim", "?")),
-                     sum(p.numel() for p in m.parameters())))
+        rows.append((name, cfg.codebook_size, cfg.codebook_embed_dim, count_parameters(m)))
     return rows
 
 
@@ -46,13 +42,9 @@ def main(argv: list[str]) -> int:
     print(f"{'name':<10} {'layers':>6} {'heads':>5} {'dim':>5} {'head':>4} {'ffn':>6} {'params c2i':>15} {'params t2i':>15}")
     for name, nl, nh, d, hd, ffn, c, t in gpt_rows(args.image_size):
         print(f"{name:<10} {nl:>6} {nh:>5} {d:>5} {hd:>4} {ffn:>6} {c:>15,} {t:>15,}")
-    rows = vq_rows()
     print()
-    if rows:
-        print("VQ tokenizers")
-        print(f"{'name':<10} {'codebook':>8} {'dim':>4} {'params':>15}")
-        for name, k, d, n in rows:
-            print(f"{name:<10} {k!s:>8} {d!s:>4} {n:>15,}")
-    else:
-        print("VQ tokenizers: not available in this build")
+    print("VQ tokenizers")
+    print(f"{'name':<10} {'codebook':>8} {'dim':>4} {'params':>15}")
+    for name, k, d, n in vq_rows():
+        print(f"{name:<10} {k!s:>8} {d!s:>4} {n:>15,}")
     return 0

@@ -36,7 +36,8 @@ import torch
 from argen import device as dev
 from argen.errors import ArgenError
 from argen.model.attention import attention
-from argen.model.generate import CfgSchedule, cfg_scale_at
+from argen.model.generate import CfgSchedule, cfg_scale_at, uses_cfg
+from argen.model.gpt import apply_rope
 from argen.model import sampling
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,6 @@ class _Job:
     step: int = 0  # tokens sampled so far (the same for all of a request's slots)
 
 
-def _rope_rows(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, D), rope (B, S, D/2, 2): per-row positions; the arithmetic of argen.model.gpt.apply_rope."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    r = rope[:, :, None]
-    out = torch.stack([xs[..., 0] * r[..., 0] - xs[..., 1] * r[..., 1],
-                       xs[..., 1] * r[..., 0] + xs[..., 0] * r[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
-
-
 class _Decoder(torch.nn.Module):
     """The model's weights plus the static cache, as one module so a compiler sees the cache as fixed buffers."""
 
@@ -127,7 +119,7 @@ class _Decoder(torch.nn.Module):
             att = layer.attention
             a = layer.attention_norm(x)
             q, k, v = att.wqkv(a).view(B, S, 3, self.n_head, self.head_dim).unbind(2)
-            q, k = _rope_rows(q, rope[None].expand(B, -1, -1, -1)), _rope_rows(k, rope[None].expand(B, -1, -1, -1))
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             kc, vc = self.caches(i)
             kc[:, :, :S].index_copy_(0, rows, k)
@@ -163,7 +155,7 @@ class _Decoder(torch.nn.Module):
             att = layer.attention
             a = layer.attention_norm(x)
             q, k, v = att.wqkv(a).view(r, 1, 3, self.n_head, self.head_dim).unbind(2)
-            q, k = _rope_rows(q, rope), _rope_rows(k, rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             kc, vc = self.caches(i)
             kc[rows, :, pos] = k[:, :, 0]
@@ -327,8 +319,7 @@ class Engine:
             raise ArgenError("request has no conditions (empty label list / no prompts)")
         if n > self.max_batch:
             raise ArgenError(f"request has {n} images but the engine's max_batch is {self.max_batch}")
-        use_cfg = r.cfg_scale > 1.0 or (r.cfg_schedule is not None and r.cfg_schedule != "constant"
-                                        and r.cfg_scale != 1.0)
+        use_cfg = uses_cfg(r.cfg_scale, r.cfg_schedule)
         gen = None
         if r.seed is not None:
             gen = torch.Generator(device=self.device)

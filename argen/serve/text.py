@@ -24,7 +24,8 @@ def right_align(features: list[torch.Tensor], slots: int, dim: int) -> tuple[tor
 
 
 class PromptEncoder:
-    """Callable prompts -> (features, mask) over argen.model.text_encoder.T5TextEncoder."""
+    """Callable prompts -> (features, mask) over argen.model.text_encoder.T5TextEncoder; prompts are cleaned as the
+    training captions were (the reference's T5 embedder cleans at sampling time too)."""
 
     def __init__(self, path: str, slots: int, dim: int, device="cpu", dtype: torch.dtype = torch.float32):
         from argen.model.text_encoder import T5TextEncoder
@@ -35,4 +36,6 @@ class PromptEncoder:
         self.slots, self.dim = slots, dim
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return right_align(self.encoder.encode(prompts), self.slots, self.dim)
+        from argen.model.text_encoder import clean_caption
+
+        return right_align(self.encoder.encode([clean_caption(p) for p in prompts]), self.slots, self.dim)
