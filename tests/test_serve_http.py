@@ -320,3 +320,24 @@ def test_sample_cli_prompts_through_a_local_t5(tmp_path):
     feats, mask = PromptEncoder(str(t5), slots=6, dim=24)(["a red fox"])
     expected = argen.generate(model, feats, cond_mask=mask, seed=3, cfg_scale=2.0, top_k=10)
     assert np.load(tmp_path / "codes.npy").tolist() == expected.tolist()
+
+
+def test_query_strings_keep_text_fields_text():
+    """?prompt=2024 is the prompt "2024", not the number; a cfg_schedule of digits is an interval."""
+    from argen.serve.server import _query_body
+    assert _query_body("prompt=2024&seed=3&cfg_schedule=5") == {"prompt": "2024", "seed": 3, "cfg_schedule": 5}
+    assert _query_body("cfg_schedule=linear&class_labels=1,2") == {"cfg_schedule": "linear", "class_labels": [1, 2]}
+
+
+def test_closed_engine_answers_503_and_bad_input_400(gpt):
+    engine = Engine(gpt, max_batch=2)
+    server = serve(ServeApp(engine, timeout_s=60))
+    try:
+        status, out = Client(server).post({"class_labels": [99999]})
+        assert status == 400 and "unknown class" in out["error"]
+        engine.close()
+        status, out = Client(server).post({"class_labels": [1]})
+        assert status == 503 and "closed" in out["error"]
+    finally:
+        server.shutdown()
+        server.server_close()

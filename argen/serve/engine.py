@@ -8,16 +8,17 @@ order requests arrive or finish in: CFG reads a (slots, 2, ...) view of the batc
 Loop (one worker thread owns the model and the cache):
   1. admit queued requests into free slots (a request of n images takes n slots; FIFO, no overtaking);
   2. prefill the newly admitted slots (their prefix only, eager, written into their cache rows) and sample token 0;
-  3. one decode step for every live slot (compiled): feed each slot's last token at its own position, attend over
+  3. one decode step for every live slot (compiled by default on an accelerator): feed each slot's last token at its own position, attend over
      its own cache rows; then per group of requests with the same sampling parameters one CFG, one head call and
      one filter, and a draw with each request's generator (argen.model.sampling);
   4. hand finished requests their codes and free their slots.
 New requests therefore join between decode steps and never wait for a running batch to drain.
 
-Exactness: every row does the same floating-point work as `argen.generate` (same modules, same RoPE formula, the
-same sampling functions) and each request draws its uniforms from its own `torch.Generator` seeded like generate's,
-so a request returns the codes `argen.generate(model, cond, seed=...)` returns. Requests without a seed draw from
-one engine generator.
+Exactness: each request draws its uniforms from its own `torch.Generator` seeded like generate's and goes through
+the same RoPE and sampling functions, so a request returns the codes `argen.generate(model, cond, seed=...)` returns
+when the decode step runs eagerly (tested in fp32 for every parameter combination). The step's own attention and a
+compiled step round differently from generate's kernels, so in bf16 a near-tie between two candidates can go the
+other way. Requests without a seed draw from one engine generator.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ from argen.model.gpt import apply_rope
 from argen.model import sampling
 
 log = logging.getLogger(__name__)
+
+
+class EngineBusy(ArgenError):
+    """The engine cannot take a request now (queue full, or closed): a server answers 503, not 400."""
 
 
 @dataclass
@@ -224,12 +229,12 @@ class Engine:
         """Queue a request; the future resolves to a Result (or raises ArgenError for bad input)."""
         job = self._make_job(request)
         if self._stop.is_set():
-            raise ArgenError("engine is closed")
+            raise EngineBusy("engine is closed")
         self._ensure_thread()
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise ArgenError(f"engine queue is full ({self._queue.maxsize} requests waiting)") from None
+            raise EngineBusy(f"engine queue is full ({self._queue.maxsize} requests waiting)") from None
         return job.future
 
     def generate(self, requests: Request | Sequence[Request], timeout: float | None = None) -> list[torch.Tensor]:

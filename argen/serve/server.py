@@ -32,7 +32,7 @@ import torch
 
 from argen.errors import ArgenError
 from argen.model.pixels import to_uint8
-from argen.serve.engine import Engine, Request
+from argen.serve.engine import Engine, EngineBusy, Request
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +208,10 @@ class ServeApp:
             t0 = time.monotonic()
             try:
                 fut = self.engine.submit(req)
+            except EngineBusy as e:
+                raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, str(e)) from None
             except ArgenError as e:
-                busy = "queue is full" in str(e) or "closed" in str(e)
-                status = HTTPStatus.SERVICE_UNAVAILABLE if busy else HTTPStatus.BAD_REQUEST
-                raise HTTPError(status, str(e)) from None
+                raise HTTPError(HTTPStatus.BAD_REQUEST, str(e)) from None
             try:
                 res = fut.result(timeout=timeout)
             except FutureTimeout:
@@ -249,7 +249,8 @@ def _query_body(query: str) -> dict:
     body: dict[str, Any] = {}
     for k, vs in parse_qs(query, keep_blank_values=True).items():
         v = vs[-1]
-        if k in ("prompt", "prompts", "format", "cfg_schedule") and not v.lstrip("-").isdigit():
+        # text fields stay text ("2024" is a prompt); a cfg_schedule of digits is an interval
+        if k in ("prompt", "prompts", "format") or (k == "cfg_schedule" and not v.lstrip("-").isdigit()):
             body[k] = v
             continue
         parts = v.split(",") if k in ("class_labels",) else [v]
