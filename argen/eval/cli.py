@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from argen.errors import ArgenError
+from argen.eval.npz import sidecar_path
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -137,7 +138,7 @@ def _score(args) -> int:
         result = {"metrics": {}, "samples": {"path": args.samples}}
     if args.clip:
         prompts_file, cycle = args.prompts, False
-        side = sc.sidecar_path(args.samples)
+        side = sidecar_path(args.samples)
         if not prompts_file and side.is_file():
             prompts_file = json.loads(side.read_text()).get("protocol", {}).get("captions")
             cycle = True  # `argen eval sample` used caption i % M for image i
@@ -170,7 +171,7 @@ def _sample(args) -> int:
                          barrier=barrier)
     if env.is_main:
         print(f"wrote {record['shape'][0]} images {tuple(record['shape'][1:])} to {args.out} "
-              f"(protocol in {Path(args.out).with_suffix('.json')})")
+              f"(protocol in {sidecar_path(args.out)})")
     return 0
 
 

@@ -16,6 +16,12 @@ import numpy as np
 
 from argen.errors import ArgenError
 
+
+def sidecar_path(samples: str | Path) -> Path:
+    """The protocol JSON written beside a sample batch (`argen eval sample`, `argen eval reconstruct`)."""
+    p = Path(samples)
+    return p.with_name(p.name[:-4] + ".json" if p.name.endswith(".npz") else p.name + ".json")
+
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 

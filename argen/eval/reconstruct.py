@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from argen import device as dev
 from argen.errors import ArgenError
-from argen.eval.npz import NpzImages, npz_writer
+from argen.eval.npz import NpzImages, npz_writer, sidecar_path
 from argen.eval.sample import to_uint8
 
 
@@ -45,5 +45,5 @@ def reconstruct(vq_dir: str | Path, images: str | Path, out: str | Path, *, batc
     record = {"format": "argen-reconstructions-1", "vq": {"path": str(vq_dir), "name": vq.config.name},
               "source": {"path": str(images), "num_images": len(src), "image_size": list(src.shape[1:3])},
               "seconds": round(time.time() - start, 2), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out.with_name(out.name[:-4] + ".json").write_text(json.dumps(record, indent=2))
+    sidecar_path(out).write_text(json.dumps(record, indent=2))
     return record

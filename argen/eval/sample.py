@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from argen import device as dev
 from argen.errors import ArgenError
 from argen.eval import EVALUATOR_VERSION
-from argen.eval.npz import npz_writer
+from argen.eval.npz import npz_writer, sidecar_path
 from argen.model import pixels
 
 # cfg used for the published FID of each size (llamagen.md §3.2); other models fall back to the DDP default 1.5.
@@ -178,7 +178,7 @@ class Sampler:
             record["sampling_s"] = round(time.time() - start, 2)
             shape = self._pack(p, parts, out, world)
             record["shape"] = list(shape)
-            side = out.with_name(out.name[:-4] + ".json")
+            side = sidecar_path(out)
             side.write_text(json.dumps(record, indent=2))
             shutil.rmtree(parts, ignore_errors=True)
         return record

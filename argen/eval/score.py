@@ -24,7 +24,7 @@ from argen.eval.fid import feature_stats, frechet_distance
 from argen.data_pipeline.storage import sha256_file
 from argen.eval.inception import InceptionV3, load_inception
 from argen.eval.metrics import inception_score, precision_recall
-from argen.eval.npz import NpzImages, load_stats, npz_keys
+from argen.eval.npz import NpzImages, load_stats, npz_keys, sidecar_path
 
 FEATURES = ("pool", "spatial", "logits")
 
@@ -54,12 +54,6 @@ def extract_features(images: NpzImages | np.ndarray, net: InceptionV3, batch_siz
                 out[k].append(feats[k].float().cpu().numpy())
             bar.update(len(batch))
     return {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in out.items()}
-
-
-def sidecar_path(samples: str | Path) -> Path:
-    """The protocol JSON written beside a sample batch by `argen eval sample`."""
-    p = Path(samples)
-    return p.with_name(p.name[:-4] + ".json" if p.name.endswith(".npz") else p.name + ".json")
 
 
 def reference_features(ref_path: str | Path, net: InceptionV3, weights_sha: str, *, batch_size: int = 64,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from argen.errors import ArgenError
+from argen.eval.npz import sidecar_path
 from argen.eval.records import Export, Records, Store, list_exports
 from argen.eval.sample import SampleProtocol
 
@@ -60,7 +61,7 @@ def evaluate_tokenizer(export_dir: str, opts: WatchOptions, work: Path, tag: str
     finally:
         if not opts.keep_samples:
             out.unlink(missing_ok=True)
-            out.with_name(out.name[:-4] + ".json").unlink(missing_ok=True)
+            sidecar_path(out).unlink(missing_ok=True)
     return {"metrics": result["metrics"], "reference": result["reference"], "evaluator": result["evaluator"],
             "protocol": {"kind": "reconstruction"}}
 
@@ -96,7 +97,7 @@ def evaluate_export(export_dir: str, opts: WatchOptions, work: Path, tag: str) -
     finally:
         if not opts.keep_samples:
             out.unlink(missing_ok=True)
-            out.with_name(out.name[:-4] + ".json").unlink(missing_ok=True)
+            sidecar_path(out).unlink(missing_ok=True)
     return body
 
 
