@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         ref_model, ref = reference_model(model)
 
         def run_ref():
-            with torch.no_grad():
+            # the port builds its caches, masks and RoPE tables under the current default device, as LlamaGen does
+            with torch.no_grad(), torch.device(device):
                 ref.generate(ref_model, labels, tokens, cfg_scale=args.cfg, temperature=1.0, top_k=args.top_k,
                              top_p=1.0, sample_logits=True)
         results["reference-style eager loop"] = timed(run_ref, args.repeats, device)
@@ -126,15 +127,15 @@ def main(argv=None) -> int:
             ref_model, ref = reference_model(model)
 
             def run_ref_each():
-                with torch.no_grad():
+                with torch.no_grad(), torch.device(device):
                     for x in labels:
                         ref.generate(ref_model, x[None], tokens, cfg_scale=args.cfg, top_k=args.top_k)
-            serving["reference-style eager loop"] = timed(run_ref_each, 1, device)
+            serving["reference-style eager loop"] = timed(run_ref_each, args.repeats, device)
             del ref_model
         if "generate" not in skip:
             serving["argen.generate"] = timed(lambda: [argen.generate(model, x[None], cfg_scale=args.cfg,
                                                                       top_k=args.top_k, seed=0) for x in labels],
-                                              1, device)
+                                              args.repeats, device)
         serving["Engine"] = timed(lambda: engine.generate(singles), args.repeats, device)
     engine.close()
 
