@@ -56,7 +56,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from argen.data_pipeline import shard_format
+from argen.data_pipeline import shard_format, storage
 from argen.data_pipeline.collate import collate
 from argen.data_pipeline.reader import ReadEvents, Source, fetch, read_block
 from argen.data_pipeline.retry import RetryConfig, ShardUnreadable
@@ -253,14 +253,14 @@ class ShardLoader:
         self._cursor = [0] * len(self.sources)
         # stats
         self._corrupt: dict[str, str] = {}
-        self._totals = {"samples": 0, "batches": 0, "bad_samples": 0, "retries": 0, "bytes": 0, "read_s": 0.0,
-                        "wait_s": 0.0, "skipped_samples": 0}
+        self._totals = {"samples": 0, "batches": 0, "bad_samples": 0, "retries": 0, "wait_s": 0.0,
+                        "skipped_samples": 0}
         self._win = {"t0": None, "samples": 0, "wait_s": 0.0, "bytes": 0}
 
     # ------------------------------------------------------------------------------------------ properties
     @property
     def samples_per_epoch(self) -> int:
-        return sum(p.total for p in self.plans[:1])
+        return self.plans[0].total
 
     @property
     def steps_per_epoch(self) -> int:
@@ -295,7 +295,7 @@ class ShardLoader:
     # ------------------------------------------------------------------------------------------ pipeline
     @property
     def urls(self) -> list[str]:
-        return [getattr(src, "url", "") for src in self.sources]
+        return [src.url for src in self.sources]
 
     def _start(self) -> None:
         stream = _BlockStream(self.sources, self.plans, self.mixture, self.position, list(self.consumed),
@@ -307,7 +307,7 @@ class ShardLoader:
             # Forked workers inherit the parent's s3fs/aiohttp sessions, bound to the parent's event loop; closing
             # them in the child prints "attached to a different loop" tracebacks. Remote data sets therefore start
             # their workers from a clean forkserver process (a second or two of start-up per epoch).
-            remote = any(_is_remote(u) for u in self.urls)
+            remote = any(storage.is_remote(u) for u in self.urls)
             self._dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                                                    prefetch_factor=self.cfg.prefetch_blocks,
                                                    collate_fn=_identity, persistent_workers=False,
@@ -354,8 +354,6 @@ class ShardLoader:
         t = self._totals
         t["bad_samples"] += ev.bad_samples
         t["retries"] += ev.retries
-        t["bytes"] += ev.bytes
-        t["read_s"] += ev.read_s
         self._win["bytes"] += ev.bytes
         for url, reason in ev.corrupt:
             if url not in self._corrupt:  # logged here, not in the worker, so it lands in the trainer's log
@@ -523,7 +521,3 @@ class ShardLoader:
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> ShardLoader:
     """The training loader for this data-parallel rank (see the module docstring)."""
     return ShardLoader(cfg, rank, world_size, batch_size)
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -64,7 +63,6 @@ class ReadEvents:
     block: str = ""
     retries: int = 0
     bytes: int = 0
-    read_s: float = 0.0
 
 
 _BLOCK = 512
@@ -305,7 +303,6 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
 
     `prefetched`: one future per segment holding the shard's bytes, from reads started while the previous block
     was being decoded (network time overlaps CPU time)."""
-    t0 = time.perf_counter()
     ev = ReadEvents(url=src.url, block=f"(epoch {block.epoch}, block {block.index})")
     fast_codes = _CodesDecoder(src.n_aug, src.seq_len)
     parts: list[list[dict[str, bytes]] | _Regular | None] = []   # per segment; None: a confirmed-corrupt shard
@@ -398,19 +395,18 @@ def read_block(src: Source, block: Block, offset: int, retry: RetryConfig, task:
     if fast_rows:
         rows = np.asarray(fast_rows)
         allcodes = np.frombuffer(b"".join(fast_payloads), dtype=np.uint16).reshape(len(rows), src.n_aug, src.seq_len)
-        codes[rows] = allcodes[np.arange(len(rows)), np.asarray(augs)[rows]]
+        codes[rows] = allcodes[np.arange(len(rows)), augs_np[rows]]
     if n:  # codes outside the codebook: garbled bytes that still parse; checked once per block
         over = present & (codes.max(axis=1) >= src.codebook_size)
         if over.any():
             ev.bad_samples += int(over.sum())
             present &= ~over
-    ev.read_s = time.perf_counter() - t0
     item: dict[str, Any] = {
         "component": block.component, "epoch": block.epoch, "block": block.index, "offset": offset,
         "codes": torch.from_numpy(codes),
         # one tensor for the per-sample columns: each tensor costs a shared-memory hand-over between processes
         "meta": torch.from_numpy(np.stack([labels, present.astype(np.int64), block.sample_ids[offset:],
-                                           block.augs[offset:], feat_lens.astype(np.int64)], axis=1)),
+                                           augs_np, feat_lens.astype(np.int64)], axis=1)),
         "events": ev,
     }
     if task == "t2i":

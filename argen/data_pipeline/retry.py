@@ -3,9 +3,11 @@
 The two failure kinds look alike from inside a tar parser: a server restart in the middle of a GET shows up as a
 truncated stream, exactly like a truncated file. So no error is trusted on its first sighting:
 
-- a *corrupt-looking* error (tar/gzip/npy format errors, fewer samples than the manifest says, codes outside the
-  codebook) is read again from scratch; only when `confirm_reads` independent reads all fail that way is the shard
-  declared corrupt (the caller skips it and counts it);
+- a *corrupt-looking* error (tar/gzip/zstd/npy format errors, fewer samples than the manifest says) is read again
+  from scratch; only when `confirm_reads` independent reads all fail that way is the shard declared corrupt (the
+  caller skips it and counts it);
+- a sample that parses but does not decode, or whose codes lie outside the codebook, is no error here: the reader
+  drops that sample and counts it in bad_samples, keeping the rest of the shard;
 - any other error (connection refused or reset, timeouts, 5xx, s3fs/aiohttp/botocore errors, a missing object) is
   retried with exponential backoff and jitter up to `max_attempts`; a shard that still cannot be read is reported
   as unreadable, which the loader turns into a clear ArgenError (a missing object counts as corrupt instead: it is
@@ -47,7 +49,8 @@ class RetryConfig:
 
 
 class CorruptShard(Exception):
-    """The shard's bytes are wrong (raised by the reader for count or range mismatches)."""
+    """The shard's bytes are wrong (raised by the reader for malformed tar headers or members, and for a shard with
+    fewer samples than the manifest promises)."""
 
 
 class ShardCorrupt(Exception):

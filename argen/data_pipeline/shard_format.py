@@ -418,8 +418,8 @@ class ShardWriter:
 
 
 def iter_tar_samples(fileobj: IO, where: str = "shard") -> Iterator[dict[str, bytes]]:
-    """Group the members of a tar stream (plain or gzip; see decompress for zstd) into sample dicts
-    {"__key__", ext: bytes}."""
+    """Group the members of a tar stream (plain or gzip; a zstd stream must be wrapped in a zstandard stream_reader
+    first, as _decode_stream does) into sample dicts {"__key__", ext: bytes}."""
     current: dict[str, bytes] | None = None
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
@@ -460,11 +460,10 @@ def read_shard(url: str, t5_dtype: str | None = "bfloat16", expect_shape: tuple[
 
 def _decode_stream(f: IO, url: str, t5_dtype: str | None, expect_shape: tuple[int, int] | None) -> Iterator[Sample]:
     stream: IO = f
-    if f.read(4) == _ZSTD_MAGIC:  # tarfile reads plain and gzip streams itself, not zstd (before Python 3.14)
-        f.seek(0)
+    zstd = f.read(4) == _ZSTD_MAGIC   # tarfile reads plain and gzip streams itself, not zstd (before Python 3.14)
+    f.seek(0)
+    if zstd:
         stream = zstandard.ZstdDecompressor().stream_reader(f)
-    else:
-        f.seek(0)
     try:
         for members in iter_tar_samples(stream, str(url)):
             yield decode_sample(members, t5_dtype, expect_shape)

@@ -2,7 +2,8 @@
 
 URLs are either local paths (`/data/shards`, `file:///data/shards`) or `s3://bucket/prefix`. S3 is reached through
 s3fs with the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_DEFAULT_REGION), so a MinIO/SeaweedFS/Ceph endpoint needs no code, only the environment.
+AWS_DEFAULT_REGION), so a MinIO/SeaweedFS/Ceph endpoint needs no code, only the environment. read_whole, the
+loader's hot path, fetches whole objects through boto3 instead, configured from the same environment.
 
 Atomicity is the contract the shard writer relies on:
 - local: write a hidden temp file in the destination directory, then `os.replace` (atomic within one filesystem);
@@ -33,11 +34,15 @@ def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def _s3_options() -> dict[str, Any]:
     # Passing the environment explicitly makes fsspec's instance cache key on it: a test (or a job) that changes
     # AWS_ENDPOINT_URL gets a fresh client instead of a cached one pointing at the old endpoint.
     opts: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _s3_endpoint()
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
     if os.environ.get("AWS_ACCESS_KEY_ID"):
@@ -72,10 +77,6 @@ def join(prefix: str, *names: str) -> str:
     return os.path.join(_local_path(prefix), *names)
 
 
-def basename(url: str) -> str:
-    return posixpath.basename(str(url).rstrip("/"))
-
-
 def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
     # s3fs caches directory listings; other processes write concurrently, so never trust the cache here.
     if is_remote_fs(fs):
@@ -103,11 +104,13 @@ def size(url: str) -> int:
 def open_url(url: str, mode: str = "rb", **kwargs: Any) -> IO:
     """An open file object for a local path or an fsspec URL (reads stream; S3 reads use range GETs)."""
     fs, path = get_fs(url)
-    if "r" in mode:
-        _fresh(fs, path)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"no such object: {url}")
-    return fs.open(path, mode, **kwargs)
+    if "r" not in mode:
+        return fs.open(path, mode, **kwargs)
+    _fresh(fs, path)
+    try:  # no exists() first: on S3 that is one more HEAD, and opening a missing object raises this itself
+        return fs.open(path, mode, **kwargs)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such object: {url}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -130,7 +133,7 @@ _S3_LOCK = threading.Lock()
 
 def _s3_client() -> Any:
     """A boto3 S3 client for this process and AWS environment (clients are thread-safe; sessions are not)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _s3_endpoint()
     key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
            os.environ.get("AWS_DEFAULT_REGION"))
     with _S3_LOCK:

@@ -55,12 +55,15 @@ def main(argv: list[str]) -> int:
         print(f"argen tokenize: {msg}", file=sys.stderr, flush=True)
 
     job = TokenizeJob(cfg, log=log)
-    if args.finalize:
-        m = job.finalize(wait_s=args.wait)
+
+    def print_manifest(m) -> int:
         for line in summary_lines({}, m):
             print(line)
         print(f"manifest: {job.prefix}/manifest.json")
         return 0
+
+    if args.finalize:
+        return print_manifest(job.finalize(wait_s=args.wait))
     part = resolve_part(args.part, args.parts)
     stats = job.run_part(part, overwrite=args.overwrite)
     if stats.get("complete"):
@@ -79,10 +82,7 @@ def main(argv: list[str]) -> int:
         print(f"part {part.index}/{part.count} done; when every part is done run: "
               f"argen tokenize {args.config} {' '.join(args.overrides)} --finalize".rstrip())
         return 0
-    for line in summary_lines({}, m):
-        print(line)
-    print(f"manifest: {job.prefix}/manifest.json")
-    return 0
+    return print_manifest(m)
 
 
 if __name__ == "__main__":

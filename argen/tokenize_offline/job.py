@@ -156,13 +156,13 @@ class _UnitDataset(torch.utils.data.Dataset):
             else:
                 raw = item.get("caption")
             if raw is None or not str(raw).strip():
-                out["skip"] = "no_caption"
+                out["skip"] = src.NO_CAPTION
                 return out
             from argen.model.text_encoder import clean_caption
 
             caption = clean_caption(raw)
             if not caption:
-                out["skip"] = "empty_caption"
+                out["skip"] = src.EMPTY_CAPTION
                 return out
             out["caption"] = caption
         data = None
@@ -236,12 +236,18 @@ class TokenizeJob:
             return src.index_imagenet_tar(self.source_root(), per, seed, s.limit)
         return src.index_img2dataset(self.source_root(), s.parquet, s.limit)
 
+    def _cached_index(self) -> src.SourceIndex | None:
+        """The index an earlier run wrote, or None when it is missing or unreadable (read directly, no exists() check first)."""
+        try:
+            return src.SourceIndex.from_dict(json.loads(gzip.decompress(storage.read_bytes(self.index_url))))
+        except (OSError, ValueError, TypeError):  # FileNotFoundError is an OSError
+            return None
+
     def load_index(self) -> src.SourceIndex:
-        if storage.exists(self.index_url):
-            try:
-                return src.SourceIndex.from_dict(json.loads(gzip.decompress(storage.read_bytes(self.index_url))))
-            except (OSError, ValueError, TypeError):
-                pass  # unreadable cache: rebuild it (deterministic, so any part may rewrite it)
+        index = self._cached_index()
+        if index is not None:
+            return index
+        # missing or unreadable cache: (re)build it (deterministic, so any part may rewrite it)
         t = time.time()
         index = self.build_index()
         if not index.units:
@@ -356,7 +362,7 @@ class TokenizeJob:
         skipped: dict[str, int] = {}
         converted: dict[str, int] = {}
         if index.kind == "img2dataset":
-            items, sk, _notes = src.load_img2dataset_unit(index.units[j], cfg.source.caption_column)
+            items, sk = src.load_img2dataset_unit(index.units[j], cfg.source.caption_column)
             _merge(skipped, sk)  # the bar counts images (img2dataset's "successes"), not rows without one
         else:
             items = index.units[j]
@@ -397,10 +403,10 @@ class TokenizeJob:
         """Write manifest.json from the unit records; with wait_s > 0, wait that long for other parts first."""
         if self.check_existing_manifest(overwrite=False):
             return sf.read_manifest(self.prefix)
-        if not storage.exists(self.index_url):
+        index = self._cached_index()
+        if index is None:
             raise ArgenError(f"cannot finalize {self.prefix}: no tokenize job with this config has run there "
-                             f"(missing {self.index_url})")
-        index = src.SourceIndex.from_dict(json.loads(gzip.decompress(storage.read_bytes(self.index_url))))
+                             f"(missing or unreadable {self.index_url})")
         n = len(index.units)
         deadline = time.time() + wait_s
         while True:

@@ -23,7 +23,7 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 UNREADABLE_SOURCE = "unreadable_source"
 MISSING_IMAGE = "missing_image"
 NO_CAPTION = "no_caption"
+EMPTY_CAPTION = "empty_caption"
 
 
 @dataclass
@@ -240,15 +241,13 @@ def _read_parquet_captions(url: str, column: str) -> dict[str, str | None] | Non
     return dict(zip(table.column("key").to_pylist(), table.column(column).to_pylist()))
 
 
-def load_img2dataset_unit(spec: dict, caption_column: str) -> tuple[list[dict], dict[str, int], dict[str, int]]:
-    """Read one img2dataset tar into item descriptors with the raw bytes; never raises for bad shards."""
+def load_img2dataset_unit(spec: dict, caption_column: str) -> tuple[list[dict], dict[str, int]]:
+    """Read one img2dataset tar into (item descriptors with the raw bytes, skip counts); never raises for bad
+    shards."""
     skipped: dict[str, int] = {}
-    notes: dict[str, int] = {}
     captions = None
     if spec.get("parquet"):
         captions = _read_parquet_captions(spec["parquet"], caption_column)
-        if captions is None:
-            notes["missing_parquet"] = 1
     samples: list[dict] = []
     try:
         with storage.open_url(spec["tar"], "rb") as f:
@@ -256,12 +255,10 @@ def load_img2dataset_unit(spec: dict, caption_column: str) -> tuple[list[dict], 
                 samples.append(s)
     except FileNotFoundError:
         skipped[UNREADABLE_SOURCE] = 1
-        return [], skipped, notes
-    except (ShardFormatError, OSError) as e:
+        return [], skipped
+    except (ShardFormatError, OSError):
         # keep the samples read before the damage; the rest of the shard is lost and counted once
         skipped[UNREADABLE_SOURCE] = 1
-        notes["unreadable_source_detail"] = notes.get("unreadable_source_detail", 0) + 1
-        del e
     items = []
     for s in samples:
         key = _safe_key(s["__key__"])
@@ -282,7 +279,7 @@ def load_img2dataset_unit(spec: dict, caption_column: str) -> tuple[list[dict], 
             except Exception:
                 caption = None
         items.append({"key": key, "data": img, "caption": caption})
-    return items, skipped, notes
+    return items, skipped
 
 
 def read_item_bytes(item: dict, source: SourceIndex, root: str, _handles: dict = {}) -> bytes:  # noqa: B006
@@ -306,8 +303,3 @@ def read_item_bytes(item: dict, source: SourceIndex, root: str, _handles: dict =
         f.seek(item["offset"])
         return f.read(item["size"])
     raise ValueError(f"source {source.kind} items carry no bytes")
-
-
-def iter_items(units: list[list[dict]]) -> Iterator[dict]:
-    for u in units:
-        yield from u
