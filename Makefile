@@ -1,6 +1,7 @@
 # The two commands of a fresh machine:  `make demo`  and  `make test`.
 # Both create .venv if it is missing and install argen into it.
-# CPU machines pin torch==2.13.0 through constraints-cpu.txt (an unpinned torch pulls a multi-GB CUDA build);
+# CPU machines pin torch==2.13.0 through constraints-cpu.txt (an unpinned torch pulls a multi-GB CUDA build; the
+# pin finds a CPU wheel on this project's machines, elsewhere set PIP_EXTRA_INDEX_URL to PyTorch's CPU index);
 # on a GPU machine run `make install CONSTRAINTS=` and install the torch build for your CUDA first.
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 $(VENV)/.argen-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(CONSTRAINTS),$(PY) -m pip install -q $(PIP_C) torch==2.13.0,)
+	$(if $(CONSTRAINTS),$(PY) -m pip install -q $(PIP_C) torch,)
 	$(PY) -m pip install -q $(PIP_C) -e '.[dev]'
 	touch $@
 
