@@ -122,6 +122,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def sha256_file_cached(path: str | os.PathLike) -> str:
+    """sha256_file, remembered per (path, size, mtime) for this process: a watcher scoring every export against the
+    same multi-GB reference batch, or a tokenize job fingerprinting its VQ, reads the file once."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
 def read_bytes(url: str) -> bytes:
     with open_url(url, "rb") as f:
         return f.read()

@@ -21,7 +21,7 @@ from argen import device as dev
 from argen.errors import ArgenError
 from argen.eval import EVALUATOR_VERSION
 from argen.eval.fid import feature_stats, frechet_distance
-from argen.data_pipeline.storage import sha256_file
+from argen.data_pipeline.storage import sha256_file_cached
 from argen.eval.inception import InceptionV3, load_inception
 from argen.eval.metrics import inception_score, precision_recall
 from argen.eval.npz import NpzImages, load_stats, npz_keys, sidecar_path
@@ -64,7 +64,7 @@ def reference_features(ref_path: str | Path, net: InceptionV3, weights_sha: str,
     FID (and sFID) but no precision/recall: `pool` is None then.
     """
     keys = npz_keys(ref_path)
-    ref_sha = sha256_file(ref_path)
+    ref_sha = sha256_file_cached(ref_path)
     stored, stored_s = load_stats(ref_path), load_stats(ref_path, spatial=True)
     if "arr_0" not in keys:
         if stored is None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from argen.errors import ArgenError
 
 
 def build_parser() -> argparse.ArgumentParser:

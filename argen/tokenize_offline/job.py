@@ -72,17 +72,6 @@ def resolve_part(part: int | None = None, parts: int | None = None, environ: dic
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = storage.sha256_file(path)
-    return _SHA_CACHE[key]
-
-
 def vq_identity(path: str) -> dict:
     """Who the tokenizer is: its config and the sha256 of its weights (a different VQ means different codes)."""
     from argen.model.io import config_from_dict, read_record
@@ -94,7 +83,7 @@ def vq_identity(path: str) -> dict:
     if not weights.is_file():
         raise ArgenError(f"missing weights file: {weights}")
     cfg = record["config"]
-    sha = _file_sha256(weights)
+    sha = storage.sha256_file_cached(weights)
     name = cfg.get("name") or "vq"
     downsample = int(config_from_dict("vq", cfg).downsample)
     return {"id": f"{name}@{sha[:12]}", "name": name, "codebook_size": int(cfg["codebook_size"]), "downsample": downsample,
