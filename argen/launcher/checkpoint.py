@@ -5,7 +5,7 @@
       step-00001000/
         mp_rank_00_model_states.pt, ...       DeepSpeed engine files (engine.save_checkpoint), when an engine runs
         argen/
-          layout.json                         {tp, pp, dp, zero, precision, world_size}
+          layout.json                         {tp, pp, dp, zero, precision, engine, world_size, global_batch}
           trainer.json                        step, samples seen, LR-scheduler state, global data position
           rank-00000.pt ...                   per rank: RNG states and the data-loader state
           universal/params-pp00-tp00.safetensors ...
@@ -73,8 +73,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     p = Path(resume)
     if p.is_dir() and is_complete(p):
         return p
-    if p.is_dir() and latest(p) is not None:
-        return latest(p)
+    newest = latest(p) if p.is_dir() else None
+    if newest is not None:
+        return newest
     raise ArgenError(f"train.resume: {resume} is not a complete argen checkpoint directory")
 
 

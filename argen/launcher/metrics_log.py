@@ -49,6 +49,18 @@ def git_revision(cwd: str | None = None) -> str:
     return "unknown"
 
 
+def _step_at_most(line: str, step: int) -> bool:
+    """A metrics line to keep on resume: parses as a record with step <= `step`. Lines that do not parse (cut short
+    by a killed job) are dropped, as scaling.read_metrics skips them."""
+    if not line.strip():
+        return False
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(rec, dict) and rec.get("step", 0) <= step
+
+
 def _wandb_mode(setting: str) -> str | None:
     if setting == "off" or os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true"):
         return None
@@ -76,8 +88,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.is_file():  # drop lines past the resumed step (they will be redone)
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_at_most(ln, resume_step)]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         mode = _wandb_mode(wandb_setting)
         if mode is not None:

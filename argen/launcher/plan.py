@@ -7,8 +7,10 @@ cross-entropy backward at the head, the backward of a transformer block, the opt
 written out in the README ('argen plan'). `measure_training_step` measures the same quantity on CPU (live tensor bytes, tracked
 with a TorchDispatchMode) so tests and benchmarks/plan_accuracy.py can compare the two.
 
-Layout rules (the same ones `argen train` enforces): tp * pp * dp = gpus, n_head % tp == 0, n_layer % pp == 0, and
-ZeRO-2/3 cannot be combined with pipeline parallelism (DeepSpeed refuses it).
+Layout rules (the same ones `argen train` enforces): tp * pp * dp = gpus; the model-shape rules of
+argen.parallel.topology.check_layout_divisibility (tp divides the attention heads, the FFN hidden size and the
+vocabulary, pp divides the layers); and ZeRO-2/3 cannot be combined with pipeline parallelism (DeepSpeed refuses
+it).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from argen.errors import ArgenError
-from argen.parallel.topology import Layout
+from argen.parallel.topology import Layout, check_layout_divisibility
 from argen.model.gpt import GPT_SIZES, GPTConfig, gpt_config
 
 GiB = 1024 ** 3
@@ -124,10 +126,10 @@ def check_layout(cfg: GPTConfig, layout: Layout, settings: Settings | None = Non
         raise ArgenError(f"zero stage must be 0, 1, 2 or 3, got {layout.zero}")
     if gpus is not None and gpus % (layout.tp * layout.pp):
         raise ArgenError(f"{gpus} GPUs are not divisible by tp*pp = {layout.tp}*{layout.pp} = {layout.tp * layout.pp}")
-    if cfg.n_head % layout.tp:
-        raise ArgenError(f"tp={layout.tp} does not divide the {cfg.n_head} attention heads of {cfg.name}")
-    if cfg.n_layer % layout.pp:
-        raise ArgenError(f"pp={layout.pp} does not divide the {cfg.n_layer} layers of {cfg.name}")
+    try:
+        check_layout_divisibility(cfg, layout.tp, layout.pp)
+    except ValueError as e:
+        raise ArgenError(str(e)) from None
     if layout.pp > 1 and layout.zero > 1:
         raise ArgenError(f"ZeRO-{layout.zero} cannot be combined with pipeline parallelism (pp={layout.pp}); "
                          "DeepSpeed allows ZeRO 0 or 1 with pipelines")
@@ -454,6 +456,14 @@ def throughput_score(cfg: GPTConfig, layout: Layout, s: Settings) -> float:
     return score
 
 
+def _divides_model(cfg: GPTConfig, tp: int, pp: int) -> bool:
+    try:
+        check_layout_divisibility(cfg, tp, pp)
+    except ValueError:
+        return False
+    return True
+
+
 def suggest(cfg: GPTConfig, gpus: int, gpu_mem_gib: float = 80.0, base: Settings | None = None,
             headroom: float = DEFAULT_HEADROOM, gpus_per_node: int = 8,
             micro_batch: int | None = None) -> list[Suggestion]:
@@ -461,7 +471,7 @@ def suggest(cfg: GPTConfig, gpus: int, gpu_mem_gib: float = 80.0, base: Settings
     largest power-of-two micro-batch that fits is taken (or the given one)."""
     base = base or Settings()
     out: list[Suggestion] = []
-    tps = [t for t in (1, 2, 4, 8) if t <= gpus_per_node and cfg.n_head % t == 0 and gpus % t == 0]
+    tps = [t for t in (1, 2, 4, 8) if t <= gpus_per_node and gpus % t == 0 and _divides_model(cfg, t, 1)]
     for tp in tps:
         for pp in [p for p in range(1, cfg.n_layer + 1) if cfg.n_layer % p == 0 and gpus % (tp * p) == 0]:
             dp = gpus // (tp * pp)

@@ -337,10 +337,6 @@ def state(job: str) -> str | None:
     return s.split()[0] if s else None
 
 
-def array_states(job: str) -> list[str]:
-    return [r.get("JobState", "") for r in show_job(job)]
-
-
 def wait(jobs: list[str], timeout: float, poll: float = 2.0, quiet: bool = True) -> dict[str, str]:
     """Wait until every job (arrays: every task) is in a final state; returns job -> state.
     Raises SlurmError on timeout, naming the jobs still going."""

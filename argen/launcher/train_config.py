@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from argen.model.gpt import GPT_SIZES, GPTConfig, gpt_config
+from argen.parallel.topology import check_layout_divisibility  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -149,7 +150,7 @@ class TrainSection:
     # saving. Off: DeepSpeed's own files only (same-layout resume), no exports from the engine path.
     universal_checkpoint: bool = True
     resume: str = "auto"                 # auto | none | a checkpoint directory
-    compile: bool = False                # torch.compile the blocks (single-process path)
+    compile: bool = False                # torch.compile each block (every layout, on every rank)
 
     def validate(self) -> None:
         if self.global_batch < 1 or self.max_steps < 0 or self.micro_batch < 0:
@@ -188,15 +189,3 @@ class TrainConfig:
         check_layout_divisibility(gcfg, self.parallel.tp, self.parallel.pp)
         if self.optim.ema and self.parallel.zero == 3:
             raise ValueError("optim.ema: EMA is kept on local (non-ZeRO-3) parameters; use zero <= 2")
-
-
-def check_layout_divisibility(gcfg: GPTConfig, tp: int, pp: int) -> None:
-    """Model-shape rules of a layout (the world-size rule is checked at start, once the world size is known)."""
-    if gcfg.n_head % tp:
-        raise ValueError(f"parallel.tp: {tp} does not divide the model's {gcfg.n_head} attention heads")
-    if gcfg.ffn_hidden % tp:
-        raise ValueError(f"parallel.tp: {tp} does not divide the FFN hidden size {gcfg.ffn_hidden}")
-    if gcfg.vocab_size % tp:
-        raise ValueError(f"parallel.tp: {tp} does not divide vocab_size {gcfg.vocab_size}")
-    if gcfg.n_layer % pp:
-        raise ValueError(f"parallel.pp: {pp} does not divide the model's {gcfg.n_layer} layers")

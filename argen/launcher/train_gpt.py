@@ -20,7 +20,7 @@ from argen.config import save_config, to_dict
 from argen.errors import ArgenError
 from argen.launcher import checkpoint as ckpt_io
 from argen.launcher import dist_env, preemption
-from argen.launcher.metrics_log import MetricsLogger, flops_per_token
+from argen.launcher.metrics_log import MetricsLogger, flops_per_token, git_revision
 from argen.launcher.train_config import TrainConfig
 from argen.model.gpt import GPT, GPTConfig
 from argen.parallel import parallelize, resolve_layout
@@ -288,7 +288,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         else:
             ckpt_io.restore_optimizer(par, params, optim, step)
         set_scheduler_step(par.scheduler, step)
-        same_layout = ckpt_io.read_json(resume, "layout.json") == layout_info
+        same_layout = saved == layout_info
         if same_layout and rank_file.is_file():
             rs = torch.load(rank_file, weights_only=False)
             dev.set_rng_state(rs["rng"])
@@ -350,7 +350,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         last = step == cfg.train.max_steps
         every = cfg.train.checkpoint_every
         if stopped or last or (every and step % every == 0):
-            save_checkpoint(cfg, par, step, loader, layout_info, ema, is_main, env.rank)
+            save_checkpoint(cfg, par, step, loader, layout_info, ema, is_main, env.rank, revision=logger.revision)
         if stopped:
             logger.info(f"stop requested ({preemption.reason()}): checkpoint saved at step {step}, exiting")
             break
@@ -360,7 +360,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 
 def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict, ema, is_main: bool,
-                    rank: int) -> Path:
+                    rank: int, revision: str | None = None) -> Path:
     run_dir = Path(cfg.run_dir)
     trainer_state = {"step": step, "samples_seen": step * cfg.train.global_batch, "data": loader.global_state_dict(),
                      "scheduler": {"last_epoch": step}}
@@ -371,7 +371,7 @@ def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict,
     has_universal = cfg.train.universal_checkpoint or par.engine is None
     export_every = cfg.train.export_every or cfg.train.checkpoint_every
     if is_main and has_universal and (not export_every or step % export_every == 0 or step == cfg.train.max_steps):
-        export(cfg, path, step, ema_shadow=None)
+        export(cfg, path, step, revision=revision)
     if ema is not None:
         _export_ema(cfg, par, ema, step)
     if dist.is_initialized():
@@ -379,15 +379,16 @@ def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict,
     return path
 
 
-def export(cfg: TrainConfig, ckpt: Path, step: int, ema_shadow=None) -> Path:
-    """Consolidated export RUN_DIR/exports/step-XXXXXXXX (config.json + model.safetensors) from a checkpoint."""
+def export(cfg: TrainConfig, ckpt: Path, step: int, revision: str | None = None) -> Path:
+    """Consolidated export RUN_DIR/exports/step-XXXXXXXX (config.json + model.safetensors) from a checkpoint.
+    `revision`: the git revision already computed (the logger's); looked up here only when not given."""
     import argen.model as argen_model
-    from argen.launcher.metrics_log import git_revision
     params, _ = ckpt_io.read_universal(ckpt)
     model = GPT(cfg.model.gpt_config())
     ckpt_io.load_weights_into(model, params, str(ckpt))
     out = Path(cfg.run_dir) / "exports" / ckpt_io.tag_for(step)
-    return argen_model.save(model, out, meta={"step": step, "checkpoint": str(ckpt), "git_revision": git_revision(),
+    return argen_model.save(model, out, meta={"step": step, "checkpoint": str(ckpt),
+                                              "git_revision": revision or git_revision(),
                                               "samples_seen": step * cfg.train.global_batch})
 
 
@@ -423,5 +424,5 @@ def _export_ema(cfg: TrainConfig, par, ema: EMA, step: int) -> None:
 
 
 def run(cfg: TrainConfig) -> int:
-    result = train(cfg)
-    return 0 if result["step"] >= 0 else 1
+    train(cfg)
+    return 0

@@ -7,7 +7,7 @@ package:
   2. topology    megatron-core parallel_state groups (only when tp > 1 or pp > 1; pure DP needs no megatron)
   3. TP          swap linears/embeddings for megatron-core layers holding this rank's weight slices
   4. AC          activation checkpointing on every block or every n-th block (torch.utils.checkpoint)
-  5. compile     optional torch.compile of each block (single-process path)
+  5. compile     optional torch.compile of each block (any layout; every rank compiles its own blocks)
   6. PP          cut [embed, blocks..., head] into DeepSpeed PipelineModule stages
   7. optimizer   AdamW with the reference's decay groups (ndim >= 2 decays; 1-D norm weights do not) + LR schedule
   8. ZeRO        deepspeed.initialize(model, optimizer, config, mpu=MegatronMPU) -- ZeRO 0/1/2/3, bf16, clipping,
@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from argen import device as dev
 from argen.errors import ArgenError
 from argen.model.gpt import GPT, gpt_loss
-from argen.parallel.topology import Layout, MegatronMPU, init_model_parallel
+from argen.parallel.topology import Layout, MegatronMPU, check_layout_divisibility, init_model_parallel
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,7 +120,6 @@ class Parallelized:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
     grad_clip: float = 0.0
-    accum: int = 1
     param_names: dict[int, str] = field(default_factory=dict)   # id(param) -> plain-model name
     loss_fn: Callable = gpt_loss
     tp_rank: int = 0
@@ -129,18 +128,9 @@ class Parallelized:
     dp_group: Any = None
 
     # ---- introspection used by checkpoints, EMA and logs ----------------------------------------------------
-    @property
-    def uses_deepspeed(self) -> bool:
-        return self.engine is not None
-
     def local_named_params(self) -> list[tuple[str, nn.Parameter]]:
         """(plain-model name, parameter) for every parameter this rank holds (its TP slice, its PP stage)."""
-        seen, out = set(), []
-        for p in self.module.parameters():
-            if id(p) in self.param_names and id(p) not in seen:
-                seen.add(id(p))
-                out.append((self.param_names[id(p)], p))
-        return out
+        return _local_named_params(self.module, self.param_names)
 
     def lr(self) -> float:
         opt = self.engine.optimizer if self.engine is not None else self.optimizer
@@ -207,6 +197,15 @@ class Parallelized:
         return {"loss": float(loss), "grad_norm": float(gn) if gn is not None else float("nan")}
 
 
+def _local_named_params(module: nn.Module, param_names: dict[int, str]) -> list[tuple[str, nn.Parameter]]:
+    seen, out = set(), []
+    for p in module.parameters():
+        if id(p) in param_names and id(p) not in seen:
+            seen.add(id(p))
+            out.append((param_names[id(p)], p))
+    return out
+
+
 def _pipe_loss(tp: int):
     def loss_fn(logits, labels):
         codes = labels[0]
@@ -223,7 +222,6 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
                 compile: bool = False, force_deepspeed: bool = False, device: torch.device | None = None,
                 ) -> Parallelized:
     """Apply the layout to a freshly built (or weight-loaded) plain GPT; see the module docstring for the order."""
-    from argen.launcher.train_config import check_layout_divisibility
     device = device or dev.default_device()
     # 1. layout
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -235,7 +233,7 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
         raise ArgenError(str(e)) from None
     rank = dist.get_rank() if dist.is_initialized() else 0
     coords = layout.coords(rank)
-    param_names = {id(p): n for n, p in model.named_parameters()}
+    param_names = _param_names(model)
     use_ds = force_deepspeed or not layout.is_single
     # 2. topology (DeepSpeed's communication layer wraps the existing process group)
     if use_ds:
@@ -250,7 +248,7 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
     if layout.tp > 1:
         from argen.parallel.tensor_parallel import apply_tensor_parallel, parallel_loss
         apply_tensor_parallel(model, layout.tp, coords["tp"])
-        param_names = _rename_after_swap(model, param_names)
+        param_names = _param_names(model)
         loss_fn = parallel_loss
     # 4. activation checkpointing
     apply_activation_checkpointing(model, activation_checkpointing, checkpoint_every_n)
@@ -266,13 +264,13 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
         module = build_pipeline(model, layout, _pipe_loss(layout.tp))
         _mark_stage_params_for_grad_norm(module, coords)
     # 7. optimizer + schedule
-    local = [(param_names[id(p)], p) for p in module.parameters() if id(p) in param_names]
+    local = _local_named_params(module, param_names)
     optimizer = make_optimizer(param_groups(local, ocfg.weight_decay), ocfg, device)
     sched_fn = lr_lambda(ocfg.schedule, ocfg.warmup_steps, max_steps, ocfg.min_lr_ratio)
     if not use_ds:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
         return Parallelized(layout, model, module, optimizer, scheduler, None, device, precision, ocfg.grad_clip,
-                            accum, param_names, loss_fn)
+                            param_names, loss_fn)
     # 8. DeepSpeed engine (ZeRO 0/1/2/3, bf16, clipping, accumulation)
     cfg = deepspeed_config(layout, micro_batch, accum, ocfg.grad_clip, precision)
     from deepspeed.utils import groups as ds_groups
@@ -284,7 +282,7 @@ def parallelize(model: GPT, layout: Layout, *, ocfg, micro_batch: int, accum: in
         _record_fp32_grad_norm(engine)
     dp_group = mpu.get_data_parallel_group() if (mpu is not None and layout.dp > 1) else None  # None = world
     return Parallelized(layout, model, engine.module, ds_opt, ds_sched,
-                        engine, device, precision, ocfg.grad_clip, accum, param_names, loss_fn,
+                        engine, device, precision, ocfg.grad_clip, param_names, loss_fn,
                         coords["tp"], coords["pp"], coords["dp"], dp_group)
 
 
@@ -300,8 +298,9 @@ def _mark_stage_params_for_grad_norm(module: nn.Module, coords: dict) -> None:
             p.model_parallel = True
 
 
-def _rename_after_swap(model: nn.Module, old: dict[int, str]) -> dict[int, str]:
-    """After the TP swap the parameter objects are new; names are unchanged (the layers keep their names)."""
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """id(param) -> plain-model name. Taken again after the TP swap: the parameter objects are new, the names are
+    unchanged (the layers keep their names)."""
     return {id(p): n for n, p in model.named_parameters()}
 
 

@@ -1,7 +1,7 @@
 """Pipeline stages for DeepSpeed's PipelineModule, cut from the plain (possibly TP-swapped) GPT.
 
 The layer list is  [Embed, Block_0 ... Block_{L-1}, Head]  and DeepSpeed partitions it uniformly over the blocks
-(`partition_method="type:TransformerBlock"`, so each stage gets L/pp blocks; the first also holds the embeddings,
+(`partition_method="type:BlockStage"`, so each stage gets L/pp blocks; the first also holds the embeddings,
 the last the final norm and output head). Between stages the activations travel as a tuple:
 c2i `(x,)`; t2i `(x, cond_mask)` with the caption mask as int64, since DeepSpeed only back-propagates floating
 point tensors and the mask needs no gradient. Each stage keeps the RoPE table and rebuilds the attention mask.

@@ -7,8 +7,12 @@ coordinates, so megatron's TP groups and DeepSpeed's pipeline/data groups descri
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from argen.errors import ArgenError
+
+if TYPE_CHECKING:
+    from argen.model.gpt import GPTConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,21 @@ class Layout:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_layout_divisibility(gcfg: GPTConfig, tp: int, pp: int) -> None:
+    """Model-shape rules of a layout, shared by `argen train` (config validation and `parallelize`) and
+    `argen plan`: tp divides the attention heads, the FFN hidden size and the vocabulary; pp divides the layers.
+    Raises ValueError (callers outside config validation turn it into an ArgenError). The world-size rule is
+    checked separately (`resolve_layout`), once the world size is known."""
+    if gcfg.n_head % tp:
+        raise ValueError(f"parallel.tp: {tp} does not divide the {gcfg.n_head} attention heads of {gcfg.name}")
+    if gcfg.ffn_hidden % tp:
+        raise ValueError(f"parallel.tp: {tp} does not divide the FFN hidden size {gcfg.ffn_hidden} of {gcfg.name}")
+    if gcfg.vocab_size % tp:
+        raise ValueError(f"parallel.tp: {tp} does not divide vocab_size {gcfg.vocab_size} of {gcfg.name}")
+    if gcfg.n_layer % pp:
+        raise ValueError(f"parallel.pp: {pp} does not divide the {gcfg.n_layer} layers of {gcfg.name}")
 
 
 def resolve_layout(tp: int, pp: int, dp: int, zero: int, world_size: int) -> Layout:
