@@ -22,3 +22,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def vq_dir(tmp_path_factory) -> str:
+    """A random-init VQ-micro saved with argen.model.save: the tokenizer the tokenize tests encode with."""
+    import argen.model as M
+    from argen.model.vq import VQ_SIZES, VQModel
+    d = tmp_path_factory.mktemp("vq") / "vq-micro"
+    torch.manual_seed(0)
+    M.save(VQModel(VQ_SIZES["VQ-micro"]), d)
+    return str(d)

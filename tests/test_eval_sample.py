@@ -16,8 +16,6 @@ from argen.model.gpt import GPT, GPTConfig
 from argen.model.vq import VQ_SIZES, VQModel
 
 
-
-
 def save_tiny_models(root, *, gpt_name="GPT-test", step=None):
     """A 1-layer GPT over a 4×4 grid with 256 codes and a VQ-micro (2× downsampling): 8-px images."""
     torch.manual_seed(0)

@@ -30,8 +30,6 @@ def _images(rng, n, size=16, shift=0):
     return np.clip(base + shift, 0, 255).astype(np.uint8)
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("score")

@@ -13,6 +13,8 @@ from argen.data_pipeline.loader import DataConfig, build_loader
 from argen.data_pipeline.retry import RetryConfig
 from tests.test_loader import assert_batches_equal, make_dataset, take
 
+pytestmark = pytest.mark.s3
+
 
 @pytest.mark.timeout(120)
 def test_s3_reads_the_same_batches_as_local_disk(s3_bucket, tmp_path):

@@ -15,8 +15,6 @@ from argen.serve.text import right_align
 pytestmark = pytest.mark.timeout(120)
 
 
-
-
 def tiny_gpt(model_type="c2i", seed=0, image_size=64, **over) -> GPT:
     kw = dict(vocab_size=512, num_classes=10)
     if model_type == "t2i":
@@ -117,7 +115,7 @@ def test_t2i_with_padded_captions_matches_generate():
 def test_unseeded_requests_sample_from_the_filtered_set(engine, c2i):
     labels = torch.tensor([5, 6])
     greedy = argen.generate(c2i, labels, cfg_scale=3.0, greedy=True)
-    # top-1 leaves one candidate, so the fast unseeded sampler must return the greedy codes
+    # top-1 leaves one candidate, so sampling with the engine's own generator must return the greedy codes
     assert torch.equal(engine.generate(Request(labels, cfg_scale=3.0, top_k=1))[0], greedy)
     assert torch.equal(engine.generate(Request(labels, cfg_scale=3.0, top_k=50, top_p=1e-6))[0], greedy)
     assert torch.equal(engine.generate(Request(labels, cfg_scale=3.0, top_p=1e-6))[0], greedy)
@@ -174,6 +172,23 @@ def test_closed_engine_refuses_and_fails_waiters(c2i):
     fut = eng.submit(Request([1], seed=0))
     fut.result(timeout=60)
     eng.close()
+    with pytest.raises(ArgenError, match="closed"):
+        eng.submit(Request([1]))
+
+    # closing mid-generation fails the request in its slot and the one still queued behind it
+    eng = Engine(tiny_gpt("c2i", image_size=256), max_batch=1)  # 256 tokens: still running when closed
+    try:
+        running = eng.submit(Request([1], seed=0))
+        queued = eng.submit(Request([2], seed=1))
+        deadline = time.monotonic() + 30
+        while eng.stats["steps"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert eng.stats["steps"] >= 1
+    finally:
+        eng.close()
+    for fut in (running, queued):
+        with pytest.raises(ArgenError, match="closed"):
+            fut.result(timeout=30)
     with pytest.raises(ArgenError, match="closed"):
         eng.submit(Request([1]))
 

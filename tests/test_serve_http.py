@@ -29,8 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 class Client:
     def __init__(self, server):
         host, port = server.server_address[:2]

@@ -18,6 +18,7 @@ import torch
 
 from argen.launcher import slurm as sl
 from argen.launcher import submit_cli
+from tests.dist_utils import free_port
 
 pytestmark = [pytest.mark.slurm]
 
@@ -84,17 +85,10 @@ def _losses(path: Path) -> dict[int, float]:
     return out
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        return so.getsockname()[1]
-
-
 def _local_run(world: int, args: list[str], timeout: float) -> None:
     """The same `argen train` as `world` local processes (torchrun-style variables), without Slurm."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-m", "argen.cli", "train", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(world)]

@@ -29,14 +29,6 @@ SIZE = 16  # VQ-micro: downsample 2 -> 8x8 grid
 # ----------------------------------------------------------------------------------------------- helpers
 
 @pytest.fixture(scope="session")
-def vq_dir(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("vq") / "vq-micro"
-    torch.manual_seed(0)
-    M.save(VQModel(VQ_SIZES["VQ-micro"]), d)
-    return str(d)
-
-
-@pytest.fixture(scope="session")
 def t5_dir(tmp_path_factory) -> str:
     """A 1-layer random-init T5 encoder and a sentencepiece tokenizer trained here, saved with save_pretrained."""
     import sentencepiece as spm

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from argen.data_pipeline import shard_format as sf
-from tests.test_tokenize import SIZE, dataset, make_cfg, run, vq_dir  # noqa: F401  (vq_dir is a fixture)
+from tests.test_tokenize import SIZE, dataset, make_cfg, run
 
 # identical batching in both runs: conv rounding depends on the batch size, and the shards must be bit-identical
 COMMON = ["source.num_images=120", "output.samples_per_shard=10", "augment.crop_ranges=[1.1]", "images_per_batch=2"]
@@ -52,7 +52,7 @@ def _kill_after(cmd: list[str], out: Path, records: int) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_kill_and_resume_equals_uninterrupted(tmp_path, vq_dir):  # noqa: F811
+def test_kill_and_resume_equals_uninterrupted(tmp_path, vq_dir):
     cfg_file = tmp_path / "tok.yaml"
     cfg_file.write_text("source:\n  kind: synthetic\n")
     out = tmp_path / "killed"
@@ -74,7 +74,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, vq_dir):  # noqa: F811
 
 
 @pytest.mark.timeout(240)
-def test_torchrun_ranks_split_and_rank0_finalizes(tmp_path, vq_dir):  # noqa: F811
+def test_torchrun_ranks_split_and_rank0_finalizes(tmp_path, vq_dir):
     cfg_file = tmp_path / "tok.yaml"
     cfg_file.write_text("source:\n  kind: synthetic\n  num_images: 20\naugment:\n  mode: center\n")
     out = tmp_path / "ranks"

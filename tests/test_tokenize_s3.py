@@ -5,13 +5,12 @@ import pytest
 
 from argen.data_pipeline import shard_format as sf
 from argen.data_pipeline import storage
-from tests.test_tokenize import (BAD_POLICY, _ilsvrc_tar, _img2dataset_shards, broken_class_tree, dataset,  # noqa: F401
-                                 make_cfg, run, vq_dir)
+from tests.test_tokenize import BAD_POLICY, _ilsvrc_tar, _img2dataset_shards, broken_class_tree, dataset, make_cfg, run
 
 pytestmark = pytest.mark.s3
 
 
-def test_synthetic_to_s3_equals_local(tmp_path, vq_dir, s3_bucket):  # noqa: F811
+def test_synthetic_to_s3_equals_local(tmp_path, vq_dir, s3_bucket):
     common = ("source.num_images=24", "output.samples_per_shard=10", "augment.mode=center_flip")
     local, _ = run(make_cfg(vq_dir, str(tmp_path / "local"), *common))
     m_local = local.finalize()
@@ -28,7 +27,7 @@ def test_synthetic_to_s3_equals_local(tmp_path, vq_dir, s3_bucket):  # noqa: F81
     assert back.num_samples == 24 and sorted(int(k) for k in samples) == list(range(24))
 
 
-def test_img2dataset_shards_on_s3(tmp_path, vq_dir, s3_bucket):  # noqa: F811
+def test_img2dataset_shards_on_s3(tmp_path, vq_dir, s3_bucket):
     _img2dataset_shards(tmp_path / "laion", parquet=False)
     src = f"{s3_bucket}/laion"
     for f in sorted((tmp_path / "laion").iterdir()):
@@ -43,7 +42,7 @@ def test_img2dataset_shards_on_s3(tmp_path, vq_dir, s3_bucket):  # noqa: F811
     assert sf.read_manifest(f"{s3_bucket}/out").conditioning == "caption"
 
 
-def test_ilsvrc_tar_on_s3_equals_local_folder(tmp_path, vq_dir, s3_bucket):  # noqa: F811
+def test_ilsvrc_tar_on_s3_equals_local_folder(tmp_path, vq_dir, s3_bucket):
     broken_class_tree(tmp_path / "train")
     _ilsvrc_tar(tmp_path / "train", tmp_path / "train.tar", corrupt_class=None)
     url = f"{s3_bucket}/raw/ILSVRC2012_img_train.tar"

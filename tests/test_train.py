@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_parallel import tiny_cfg
+from tests.test_parallel import _stop_at, tiny_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -20,14 +20,6 @@ def _keep_signal_handlers():
     yield
     for s, h in saved.items():
         signal.signal(s, h)
-
-
-def _stop_at(step):
-    def hook(s, _out):
-        if s == step:
-            from argen.launcher import preemption
-            preemption.request("test")
-    return hook
 
 
 def _train(cfg, on_step=None):
@@ -266,3 +258,13 @@ def test_activation_checkpointing_keeps_the_numbers(tmp_path):
     from argen.model.gpt import GPT, gpt_config
     from argen.parallel.parallelize import apply_activation_checkpointing
     assert apply_activation_checkpointing(GPT(gpt_config("GPT-small")), "every_n", 2) == 3  # blocks 0, 2, 4 of 6
+
+
+def test_metrics_log_resumes_over_a_truncated_last_line(tmp_path):
+    from argen.launcher.metrics_log import MetricsLogger
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n{"step": 30, "lo')  # killed mid-write
+    log = MetricsLogger(tmp_path, True, {}, wandb_setting="off", resume_step=20)
+    log.log({"step": 30, "loss": 0.8})
+    log.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [10, 20, 30]

@@ -10,8 +10,6 @@ from argen.model.convert_vq import convert_llamagen_vq
 from argen.model.vq import VQ_SIZES, VQModel
 
 
-
-
 def _reference_checkpoint(path, prefix=""):
     """A checkpoint laid out like LlamaGen's vq_train.py saves it (model/optimizer/steps/args)."""
     torch.manual_seed(0)

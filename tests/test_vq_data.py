@@ -12,8 +12,6 @@ from argen.errors import ArgenError
 from argen.launcher.vq_data import VQDataConfig, make_loader, random_crop_flip
 
 
-
-
 def test_reference_random_crop_range_and_flip():
     img = Image.new("RGB", (40, 30), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 20, 30))  # left half blue
