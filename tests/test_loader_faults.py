@@ -103,26 +103,28 @@ def test_truncated_shard_and_bad_samples(tmp_path):
     assert s["corrupt_shards"] == 1 and s["bad_samples"] == 1
 
 
+def _hook_shard_reads(monkeypatch, before):
+    """Every whole-shard read calls before(url) first, which may raise to simulate a storage error."""
+    real = reader_mod.storage.read_whole
+
+    def read_whole(url):
+        before(str(url))
+        return real(url)
+
+    monkeypatch.setattr(reader_mod.storage, "read_whole", read_whole)
+
+
 def test_unreadable_shard_names_it_after_retries(tmp_path, monkeypatch):
     prefix = str(tmp_path / "ds")
     make_dataset(prefix, [4, 4])
-    real_get_fs = reader_mod.storage.get_fs
     attempts = collections.Counter()
 
-    class Failing:
-        def __init__(self, fs):
-            self.fs = fs
+    def refuse(url):
+        if url.endswith("shard-000001.tar"):
+            attempts[url] += 1
+            raise ConnectionRefusedError("connection refused")
 
-        def __getattr__(self, attr):
-            return getattr(self.fs, attr)
-
-        def cat_file(self, path):
-            if path.endswith("shard-000001.tar"):
-                attempts[path] += 1
-                raise ConnectionRefusedError("connection refused")
-            return self.fs.cat_file(path)
-
-    monkeypatch.setattr(reader_mod.storage, "get_fs", lambda url: (Failing(real_get_fs(url)[0]), real_get_fs(url)[1]))
+    _hook_shard_reads(monkeypatch, refuse)
     loader = build_loader(DataConfig(url=prefix, shuffle=False, shuffle_buffer=4, num_workers=0, retry=FAST), 0, 1, 4)
     assert next(loader)["sample_id"].tolist() == [0, 1, 2, 3]
     with pytest.raises(ArgenError, match=r"cannot read shard .*shard-000001.tar after 3 attempts"):
@@ -137,23 +139,14 @@ def test_transient_failure_recovers_without_changing_the_order(tmp_path, monkeyp
     clean = build_loader(DataConfig(url=prefix, shuffle_buffer=3, num_workers=0, retry=FAST), 0, 1, 4)
     want = [b["sample_id"].tolist() for b in take(clean, 6)]
     clean.close()
-    real_get_fs = reader_mod.storage.get_fs
     failures = {"left": 2}
 
-    class Sometimes:
-        def __init__(self, fs):
-            self.fs = fs
+    def reset_twice(url):
+        if failures["left"] and url.endswith("shard-000002.tar"):
+            failures["left"] -= 1
+            raise ConnectionResetError("server restarted")
 
-        def __getattr__(self, attr):
-            return getattr(self.fs, attr)
-
-        def cat_file(self, path):
-            if failures["left"] and path.endswith("shard-000002.tar"):
-                failures["left"] -= 1
-                raise ConnectionResetError("server restarted")
-            return self.fs.cat_file(path)
-
-    monkeypatch.setattr(reader_mod.storage, "get_fs", lambda url: (Sometimes(real_get_fs(url)[0]), real_get_fs(url)[1]))
+    _hook_shard_reads(monkeypatch, reset_twice)
     loader = build_loader(DataConfig(url=prefix, shuffle_buffer=3, num_workers=0, retry=FAST), 0, 1, 4)
     got = [b["sample_id"].tolist() for b in take(loader, 6)]
     assert got == want and loader.stats()["retries"] == 2
