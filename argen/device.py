@@ -64,6 +64,42 @@ def peak_memory_bytes(device: torch.device | str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Stop glibc from handing every large freed block back to the kernel; True when it took effect.
+
+    glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mmap pages and
+    unmaps them on free, so every activation of a CPU forward is page-faulted in again: on the 2-core test machine
+    that was half the time of a VQ-tiny encoder forward (40 ms -> 21 ms for 20 crops once freed blocks are reused).
+    Raising the mmap and trim thresholds keeps freed blocks in the heap for the next forward. Process-wide and
+    idempotent; a no-op off glibc, under ARGEN_KEEP_MALLOC=1, or where jemalloc/tcmalloc is preloaded.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get("ARGEN_KEEP_MALLOC") == "1" or "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, 1 << 31) == 1
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Free accelerator memory now; None on CPU."""
+    if is_accelerator(device):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return None
+
+
 def manual_seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     if accelerator_available():

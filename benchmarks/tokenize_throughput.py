@@ -17,6 +17,8 @@ dependent float rounding flips).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import tempfile
 import time
@@ -73,7 +75,18 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run_reference(files, vq, image_size, ranges, out: Path, workers: int) -> tuple[float, float]:
+def in_fresh_process(fn, *args, threads: int):
+    """Run fn(*args) in a child process: argen's job tunes process-wide state (the glibc allocator) that the
+    reference, run in the same process afterwards, would otherwise inherit. Forked, not spawned: a spawned child
+    would start its own decode workers by spawning too (a torch import each), which neither side does for real."""
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=torch.set_num_threads,
+                                                initargs=(threads,)) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_reference(files, vq_dir: str, image_size, ranges, out: Path, workers: int) -> tuple[float, float]:
+    vq = M.load(vq_dir)
     t0, c0 = time.perf_counter(), cpu_seconds()
     for r in ranges:  # the released recipe: one full extraction run per crop range
         run_dir = out / f"imagenet_code_c2i_flip_ten_crop_{r:g}"
@@ -102,6 +115,24 @@ def run_argen(root: Path, vq_dir: str, image_size: int, ranges, out: Path, worke
     job.run_part(Part(0, 1, "single"))
     m = job.finalize()
     return time.perf_counter() - t0, cpu_seconds() - c0, m
+
+
+def run_vq_alone(vq_dir: str, n: int, image_size: int, grids: int, crops_per_forward: int, vq_dtype: str) -> float:
+    """Seconds for argen's VQ forwards alone over n images' crops (no decoding, no I/O): a ceiling on what any
+    pipeline around this VQ, at this precision and thread count, can reach on this machine."""
+    from argen import device as dev
+    from argen.tokenize_offline.job import encode_crops
+
+    dev.keep_freed_cpu_memory()
+    vq = M.load(vq_dir).to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (grids, image_size, image_size, 3), dtype=np.uint8) for _ in range(n)]
+    dtype = torch.bfloat16 if vq_dtype == "bfloat16" else None
+    per_forward = crops_per_forward or 20
+    encode_crops(vq, crops[:2], per_forward, "cpu", dtype, True)  # warm-up
+    t0 = time.perf_counter()
+    encode_crops(vq, crops, per_forward, "cpu", dtype, True)
+    return time.perf_counter() - t0
 
 
 def tree_stats(path: Path) -> tuple[int, int, int]:
@@ -148,12 +179,17 @@ def main() -> None:
     best_ref = best_argen = cpu_ref = cpu_argen = float("inf")
     for rep in range(args.repeats):
         ref_out = work / f"ref{rep}"
-        t, c = run_reference(files, vq, args.image_size, args.crop_ranges, ref_out, args.workers)
+        t, c = in_fresh_process(run_reference, files, vq_dir, args.image_size, args.crop_ranges, ref_out,
+                                args.workers, threads=args.threads)
         best_ref, cpu_ref = min(best_ref, t), min(cpu_ref, c)
         arg_out = work / f"argen{rep}"
-        t, c, m = run_argen(work / "train", vq_dir, args.image_size, args.crop_ranges, arg_out, args.workers,
-                            args.threads, args.crops_per_forward, "zstd", args.vq_dtype)
+        t, c, m = in_fresh_process(run_argen, work / "train", vq_dir, args.image_size, args.crop_ranges, arg_out,
+                                   args.workers, args.threads, args.crops_per_forward, "zstd", args.vq_dtype,
+                                   threads=args.threads)
         best_argen, cpu_argen = min(best_argen, t), min(cpu_argen, c)
+    vq_alone = min(in_fresh_process(run_vq_alone, vq_dir, n, args.image_size, 10 * len(args.crop_ranges),
+                                    args.crops_per_forward, args.vq_dtype, threads=args.threads)
+                   for _ in range(args.repeats))
     _, _, m_plain = run_argen(work / "train", vq_dir, args.image_size, args.crop_ranges, work / "argen-plain",
                            args.workers, args.threads, args.crops_per_forward, "none")
 
@@ -187,6 +223,9 @@ def main() -> None:
           f"bytes {ab / rb:.3f} "
           f"(plain tar {pb / rb:.3f}), on disk {ad / rd:.3f}, files {af}/{rf} "
           f"({len(m.shards)} shard + manifest vs 2 per image per crop range)")
+    print(f"VQ forwards alone (argen's batching, no decoding or I/O): {n / vq_alone:.1f} images/s, so no pipeline "
+          f"around this VQ at {args.vq_dtype} and {args.threads} thread(s) exceeds x{best_ref / vq_alone:.2f} the "
+          f"reference here")
     worst_case_bytes()
 
 

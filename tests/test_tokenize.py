@@ -314,9 +314,14 @@ def test_missing_t5_is_a_clear_error(tmp_path, vq_dir):
 
 # ----------------------------------------------------------------------------------------------- scale-out
 
-def test_two_parts_plus_finalize_equal_one_job(tmp_path, vq_dir):
+def test_two_parts_plus_finalize_equal_one_job(tmp_path, vq_dir, monkeypatch):
+    import argen.device
+
+    tuned = []
+    monkeypatch.setattr(argen.device, "keep_freed_cpu_memory", lambda: tuned.append(1) or True)
     common = ("source.num_images=30", "output.samples_per_shard=8", "augment.mode=center_flip")
     one, _ = run(make_cfg(vq_dir, str(tmp_path / "one"), *common))
+    assert tuned, "a CPU part tunes the allocator before its first forward"
     m_one = one.finalize()
     cfg = make_cfg(vq_dir, str(tmp_path / "two"), *common)
     job, stats = run(cfg, Part(1, 2, "flags"))
@@ -434,3 +439,48 @@ def test_vanished_input_is_skipped_and_io_errors_are_retried(tmp_path, vq_dir, m
                     "augment.mode=center")
     with pytest.raises(ConnectionError):                          # not silently skipped: the job stops, rerun resumes
         TokenizeJob(cfg2, log=lambda m: None).run_part(Part(0, 1, "single"))
+
+
+def test_keep_freed_cpu_memory_serves_large_blocks_from_the_heap():
+    """After keep_freed_cpu_memory (what a CPU tokenize part calls first) a 64 MiB block comes from the heap, not
+    from a fresh mmap that every forward would page-fault in again; run in a child so this process is untouched."""
+    import subprocess
+    import sys
+
+    probe = r"""
+import ctypes, sys
+from argen.device import keep_freed_cpu_memory
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def mmapped_during_alloc():
+    n = libc.mallinfo2().hblks
+    p = libc.malloc(64 << 20)
+    n = libc.mallinfo2().hblks - n
+    libc.free(p)
+    return n
+before = mmapped_during_alloc()
+assert keep_freed_cpu_memory() and keep_freed_cpu_memory()   # takes effect, idempotent
+print(before, mmapped_during_alloc())
+"""
+    libc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")
+    assert libc, "these test machines run glibc"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ARGEN_KEEP_MALLOC": ""}).stdout.split()
+    assert out == ["1", "0"], out
+
+
+def test_auto_crops_per_forward_fits_the_accelerator():
+    from argen.model.vq import vq_config
+    from argen.tokenize_offline.job import auto_crops_per_forward
+
+    vq16 = vq_config("VQ-16")
+    assert auto_crops_per_forward(vq16, 256, 4, None) == 20                      # CPU
+    per_crop = 6 * 128 * 256 * 256 * 4                                            # ~201 MB of fp32 maps
+    assert auto_crops_per_forward(vq16, 256, 4, 139 << 30) == (139 << 30) // 2 // per_crop  # H200: 370
+    assert auto_crops_per_forward(vq16, 256, 2, 139 << 30) == 512                # bf16: capped
+    assert auto_crops_per_forward(vq16, 256, 4, 1 << 30) == 2
+    assert auto_crops_per_forward(vq16, 256, 4, 1 << 20) == 1                    # never zero

@@ -94,6 +94,22 @@ def test_codes_are_nearest_normalised_codebook_rows():
     torch.testing.assert_close(out.z_q.norm(dim=1), torch.ones(2, 3, 5))
 
 
+def test_lookup_is_the_nearest_code_in_blocks_and_in_fp32_under_autocast():
+    torch.manual_seed(3)
+    q = VectorQuantizer(VQConfig(codebook_size=512, codebook_embed_dim=8, codebook_l2_norm=False)).eval()
+    with torch.no_grad():
+        q.embedding.weight.normal_()  # unnormalised rows: the |e|^2 term matters
+    flat = torch.randn(1000, 8)
+    nearest = torch.cdist(flat.double(), q.embedding.weight.double()).argmin(1)
+    q.LOOKUP_ROWS = 96  # blocks that do not divide the rows
+    assert torch.equal(q.lookup(flat), nearest)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(q.lookup(flat), nearest)
+    # the training forward picks its codes by the same rule
+    z = flat.reshape(10, 10, 10, 8).permute(0, 3, 1, 2)
+    assert torch.equal(q(z).indices.reshape(-1), nearest)
+
+
 def test_straight_through_gradient_and_loss_targets():
     torch.manual_seed(2)
     q = VectorQuantizer(VQConfig(codebook_size=32, codebook_embed_dim=4)).train()

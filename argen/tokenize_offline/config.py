@@ -44,7 +44,8 @@ class VQSection:
     path: str = ""                          # argen model directory (config.json + model.safetensors) of kind "vq"
     dtype: Literal["float32", "bfloat16"] = "float32"   # the reference encodes in fp32
     crops_per_forward: int = 0              # VQ forward batch in crops; 0: auto (20 on CPU, where small batches
-                                            # stay in cache and run fastest; 512 on an accelerator)
+                                            # stay in cache and run fastest; on an accelerator as many as fit in
+                                            # half its free memory, at most 512)
     channels_last: bool = True              # NHWC convolutions: 1.1-1.9x on this CPU for VQ-tiny, same codes
 
     def validate(self) -> None:
