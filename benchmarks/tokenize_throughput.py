@@ -216,14 +216,14 @@ def main() -> None:
            else "bf16 rounding moves latents across code boundaries")
     print(f"codes agree at {agreement:.4%} of {total} positions over {checked} images (the rest: {why})\n")
     print(f"{'':28s}{'images/s':>10s}{'img/cpu-s':>10s}{'files':>8s}{'bytes':>12s}{'on disk':>12s}")
-    print(f"{'reference layout (bs 1)':28s}{n / best_ref:10.1f}{n / cpu_ref:10.1f}{rf:8d}{rb:12d}{rd:12d}")
-    print(f"{'argen (zstd shards)':28s}{n / best_argen:10.1f}{n / cpu_argen:10.1f}{af:8d}{ab:12d}{ad:12d}")
+    print(f"{'reference layout (bs 1)':28s}{n / best_ref:10.3g}{n / cpu_ref:10.3g}{rf:8d}{rb:12d}{rd:12d}")
+    print(f"{'argen (zstd shards)':28s}{n / best_argen:10.3g}{n / cpu_argen:10.3g}{af:8d}{ab:12d}{ad:12d}")
     print(f"{'argen (plain tar shards)':28s}{'':20s}{pf:8d}{pb:12d}{pd:12d}")
     print(f"\nratio argen/reference: images/s x{best_ref / best_argen:.2f} (per CPU-second x{cpu_ref / cpu_argen:.2f}), "
           f"bytes {ab / rb:.3f} "
           f"(plain tar {pb / rb:.3f}), on disk {ad / rd:.3f}, files {af}/{rf} "
           f"({len(m.shards)} shard + manifest vs 2 per image per crop range)")
-    print(f"VQ forwards alone (argen's batching, no decoding or I/O): {n / vq_alone:.1f} images/s, so no pipeline "
+    print(f"VQ forwards alone (argen's batching, no decoding or I/O): {n / vq_alone:.3g} images/s, so no pipeline "
           f"around this VQ at {args.vq_dtype} and {args.threads} thread(s) exceeds x{best_ref / vq_alone:.2f} the "
           f"reference here")
     worst_case_bytes()
