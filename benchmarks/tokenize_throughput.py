@@ -6,11 +6,11 @@ forward), one run per crop range (the released recipe runs it at 1.1 and at 1.05
 argen = `argen tokenize` (TokenizeJob): one pass decodes each image once for both crop ranges, encodes crops of
 several images per forward, writes uint16 codes into zstd WebDataset shards (the default) with a manifest.
 
-Each side runs in its own child process (argen's job sets process-wide allocator thresholds the reference must not
-inherit), and a last line times argen's VQ forwards alone over the same number of crops: the ceiling for any
-pipeline around this VQ at this precision and thread count. Both use the same crop code (argen.tokenize_offline.images, which reproduces center_crop_arr + TenCrop), the same
-decoding workers and the same torch thread count; the script checks that both produce the same codes (up to argmin near-ties that batch-size-
-dependent float rounding flips).
+Both use the same crop code (argen.tokenize_offline.images, which reproduces center_crop_arr + TenCrop), the same
+decoding workers and the same torch thread count, each in its own child process (argen's job sets process-wide
+allocator thresholds the reference must not inherit). The script checks that both produce the same codes (up to
+argmin near-ties that batch-size-dependent float rounding flips), and a last line times argen's VQ forwards alone
+over the same crops: the ceiling for any pipeline around this VQ at this precision and thread count.
 
     .venv/bin/python benchmarks/tokenize_throughput.py                      # VQ-tiny (the demo VQ), 64 px
     .venv/bin/python benchmarks/tokenize_throughput.py --vq VQ-micro --image-size 16 --images 400
