@@ -461,7 +461,8 @@ def auto_crops_per_forward(vq_cfg, image_size: int, dtype_bytes: int, free_bytes
     """Crops per VQ forward: 20 on a CPU (free_bytes None), where small batches stay in cache and run fastest; on
     an accelerator as many as fit in half its free memory, at most 512. An inference forward peaks at about six
     full-resolution feature maps (measured on CPU: 774 MB for 4 crops of VQ-16 at 256 px in fp32, against 6 x
-    128 MB), so a crop of VQ-16 at 256 px costs ~200 MB in fp32 and 512 of them would not fit even an H200."""
+    128 MB), so a crop of VQ-16 at 256 px costs ~200 MB in fp32: the old fixed 512 crops (103 GB) overflow any
+    80 GB card."""
     if free_bytes is None:
         return 20
     per_crop = 6 * vq_cfg.ch * vq_cfg.encoder_ch_mult[0] * image_size * image_size * dtype_bytes
