@@ -317,11 +317,16 @@ def test_missing_t5_is_a_clear_error(tmp_path, vq_dir):
 def test_two_parts_plus_finalize_equal_one_job(tmp_path, vq_dir, monkeypatch):
     import argen.device
 
-    tuned = []
+    import argen.tokenize_offline.job as job_mod
+
+    tuned, sized = [], []
     monkeypatch.setattr(argen.device, "keep_freed_cpu_memory", lambda: tuned.append(1) or True)
+    auto = job_mod.auto_crops_per_forward
+    monkeypatch.setattr(job_mod, "auto_crops_per_forward", lambda *a: sized.append(a) or auto(*a))
     common = ("source.num_images=30", "output.samples_per_shard=8", "augment.mode=center_flip")
-    one, _ = run(make_cfg(vq_dir, str(tmp_path / "one"), *common))
+    one, stats = run(make_cfg(vq_dir, str(tmp_path / "one"), *common))
     assert tuned, "a CPU part tunes the allocator before its first forward"
+    assert stats["written"] == 4 and len(sized) == 1, "one batch shape per part, chosen before any forward"
     m_one = one.finalize()
     cfg = make_cfg(vq_dir, str(tmp_path / "two"), *common)
     job, stats = run(cfg, Part(1, 2, "flags"))

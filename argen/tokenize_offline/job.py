@@ -315,6 +315,11 @@ class TokenizeJob:
             vq = vq.to(memory_format=torch.channels_last)
         if cfg.image_size % vq.downsample:
             raise ArgenError(f"image_size {cfg.image_size} is not a multiple of the VQ downsample factor {vq.downsample}")
+        dtype = torch.bfloat16 if cfg.vq.dtype == "bfloat16" else None
+        # once, before any forward: later the caching allocator holds the activations and free memory reads half
+        # as much, and a resumed part must encode at the batch shape an uninterrupted one used (rounding near ties)
+        per_forward = cfg.vq.crops_per_forward or auto_crops_per_forward(
+            vq.config, cfg.image_size, 2 if dtype else 4, dev.free_memory_bytes(device))
         t5 = None
         if cfg.text.enabled:
             from argen.model.text_encoder import T5TextEncoder
@@ -333,7 +338,7 @@ class TokenizeJob:
         t0 = time.time()
         try:
             for j in pending:
-                rec = self._run_unit(j, index, vq, t5, device, bar)
+                rec = self._run_unit(j, index, vq, dtype, per_forward, t5, device, bar)
                 storage.put_bytes_atomic(self.record_url(j), json.dumps(rec).encode())
                 stats["written"] += 1
                 stats["images"] += rec["num_inputs"]
@@ -348,7 +353,7 @@ class TokenizeJob:
         stats["seconds"] = time.time() - t0
         return stats
 
-    def _run_unit(self, j: int, index: src.SourceIndex, vq, t5, device, bar) -> dict:
+    def _run_unit(self, j: int, index: src.SourceIndex, vq, dtype, per_forward: int, t5, device, bar) -> dict:
         cfg = self.cfg
         skipped: dict[str, int] = {}
         converted: dict[str, int] = {}
@@ -362,9 +367,6 @@ class TokenizeJob:
         workers = min(cfg.num_workers, max(1, len(items) // cfg.images_per_batch))
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.images_per_batch, shuffle=False,
                                              num_workers=workers if items else 0, collate_fn=_collate)
-        dtype = torch.bfloat16 if cfg.vq.dtype == "bfloat16" else None
-        per_forward = cfg.vq.crops_per_forward or auto_crops_per_forward(
-            vq.config, cfg.image_size, 2 if dtype else 4, dev.free_memory_bytes(device))
         info = None
         with sf.ShardWriter(self.prefix, j, compression=cfg.output.compression) as writer:
             for batch in loader:
