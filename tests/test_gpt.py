@@ -232,6 +232,15 @@ def reference_pair(model_type):
     return ref, kw
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+def test_reader_strips_wrapper_key_prefixes(tmp_path, prefix):
+    from argen.model.convert_llamagen import read_llamagen_state
+    sd = reference_pair("c2i")[0].state_dict()
+    torch.save({"model": {prefix + k: v for k, v in sd.items()}}, tmp_path / "wrapped.pt")
+    state, where = read_llamagen_state(tmp_path / "wrapped.pt")
+    assert where == "model" and sorted(state) == sorted(sd)
+
+
 @pytest.mark.parametrize("model_type", ["c2i", "t2i"])
 @pytest.mark.parametrize("wrapper", ["model", "module", "raw"])
 def test_conversion_parity_with_reference(tmp_path, model_type, wrapper):

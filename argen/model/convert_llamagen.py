@@ -17,7 +17,7 @@ from argen.errors import ArgenError
 from argen.model.gpt import GPT, gpt_config, rope_2d_cache
 from argen.model.io import load_state_strict, save
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DeepSpeed and torch.compile wrappers
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP/DeepSpeed, torch.compile and wrapper-module saves
 _DROP_SUFFIXES = ("freqs_cis", "causal_mask")     # sampler state that some saves carry
 
 
