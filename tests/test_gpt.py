@@ -193,6 +193,14 @@ def test_draw_never_picks_a_removed_candidate():
     probs = torch.tensor([[0.7, 0.3, 0.0, 0.0]])
     assert draw(probs, None, torch.tensor([1.0 - 2 ** -53], dtype=torch.float64)).item() == 1
     assert draw(probs, None, torch.tensor([0.0], dtype=torch.float64)).item() == 0
+    # the largest uniforms below 1, over totals that are and are not powers of two, never land on a zero
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(500, 37, generator=g) * (torch.rand(500, 37, generator=g) < 0.3)
+    p[:, 0] += 1e-3
+    p[:250] /= p[:250].sum(-1, keepdim=True)
+    for u in (1 - 2 ** -53, 1 - 2 ** -52, 1 - 2 ** -24):
+        picked = draw(p, None, torch.full((500,), u, dtype=torch.float64))
+        assert (p.gather(1, picked[:, None]) > 0).all()
 
 
 def test_cfg_schedules():

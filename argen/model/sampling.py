@@ -45,13 +45,14 @@ def candidates(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
 
 def draw(probs: torch.Tensor, index: torch.Tensor | None, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse CDF: uniform (m,) in [0, 1) picks, per row, the first candidate whose cumulative mass exceeds
-    uniform * total mass. Returns token ids (m,) long."""
+    uniform * total mass. Returns token ids (m,) long.
+
+    No clamp is needed: for u < 1, u * total rounds to below total (total - total * 2^-53 is more than half an ulp
+    below total, or exactly representable when total is a power of two), so the first cdf > target exists, and it
+    exceeds its predecessor, so the candidate it picks has mass."""
     cdf = probs.double().cumsum(-1)  # fp64: 16384 fp32 additions would blur the smallest candidates' mass
     target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True)[:, 0]
-    # target can round up to the total: take the last candidate with mass (the others have probability 0)
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    choice = torch.minimum(choice, last)
     return choice if index is None else index.gather(1, choice[:, None])[:, 0]
 
 
