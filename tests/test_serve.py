@@ -201,14 +201,14 @@ def test_compiled_decode_step_gives_the_same_codes(c2i):
         for params in PARAMS[:3]:
             assert torch.equal(eng.generate(Request(labels, seed=9, **params))[0],
                                argen.generate(c2i, labels, seed=9, **params))
-        assert eng._step_fn is not eng._decoder  # compiled, not the eager fallback
+        assert eng.compiled  # not the eager fallback
 
 
 def test_failing_compiled_step_falls_back_to_eager(c2i):
     with Engine(c2i, max_batch=2) as eng:
         def broken(*a, **k):
             raise RuntimeError("simulated compiler failure")
-        eng._compiled, eng._step_fn = True, broken
+        eng._step_fn = broken
         got = eng.generate(Request([2], seed=1, cfg_scale=2.0), timeout=60)[0]
-        assert eng._step_fn is eng._decoder
+        assert not eng.compiled
     assert torch.equal(got, argen.generate(c2i, torch.tensor([2]), seed=1, cfg_scale=2.0))

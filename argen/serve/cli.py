@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             "t2i model served without --t5: prompt requests will be refused (400) until a T5 directory is given")
 
     engine = Engine(model, max_batch=args.max_batch, compile={"auto": "auto", "on": True, "off": False}[args.compile])
-    if engine._compile_mode:
+    if engine.compiled:
         print("argen serve: compiling the decode step ...", flush=True)
         print(f"argen serve: warm-up took {engine.warmup():.1f} s", flush=True)
     app = ServeApp(engine, vq=vq, text_encoder=text_encoder, max_concurrency=args.max_concurrency,

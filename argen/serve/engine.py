@@ -205,13 +205,15 @@ class Engine:
         accel = dev.is_accelerator(self.device)
         self.length_bucket = (0 if accel else 16) if length_bucket is None else int(length_bucket)
         self._decoder = _Decoder(model, max_batch, self.max_seq, self.dtype, self.device)
-        self._step_fn: Callable = self._decoder
         self._compile_mode = None
         if compile is True or (compile == "auto" and accel):
             # On CPU "auto" stays eager: Inductor took ~20% off GPT-small's decode step and nothing off GPT-tiny's
             # (the step is GEMMs and sampling, not Python), for 30-120 s of compilation on a 2-core machine.
             self._compile_mode = "reduce-overhead" if accel else "default"
-        self._compiled = False
+        # torch.compile only wraps: compilation happens at the first decode step (or in warmup())
+        self._step_fn: Callable = (torch.compile(self._decoder, mode=self._compile_mode,
+                                                 dynamic=bool(self.length_bucket))
+                                   if self._compile_mode else self._decoder)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._pending: list[_Job] = []
         self._slots: list[_Job | None] = [None] * max_batch
@@ -259,13 +261,18 @@ class Engine:
         self.close()
 
     def warmup(self, timeout: float | None = None) -> float:
-        """Run a two-token request so compilation (and CUDA-graph capture) happens now, not in a user's request.
-        Returns the seconds it took."""
+        """Run a three-token request (two decode steps: CUDA-graph trees record a function on its second call) so
+        compilation and graph capture happen now, not in a user's request. Returns the seconds it took."""
         t = time.monotonic()
         c = self.config
         cond = [0] if c.model_type == "c2i" else torch.zeros(1, c.cls_token_num, c.caption_dim)
-        self.generate(Request(cond, cfg_scale=2.0, top_k=1, seed=0, num_tokens=min(2, self.N)), timeout=timeout)
+        self.generate(Request(cond, cfg_scale=2.0, top_k=1, seed=0, num_tokens=min(3, self.N)), timeout=timeout)
         return time.monotonic() - t
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps go through torch.compile (False after a compile failure fell back to eager)."""
+        return self._step_fn is not self._decoder
 
     @property
     def busy_slots(self) -> int:
@@ -432,7 +439,6 @@ class Engine:
             elif self._key_mask is not None:
                 masks.append(torch.ones(j.n, self.T, dtype=torch.bool))
             slots += j.slots
-            self._pos[j.slot_index] = self.T
         n = len(slots)
         cond = torch.cat(conds).to(self.device)
         if cond.is_floating_point():  # caption features arrive in fp32 (HTTP, T5 in another dtype)
@@ -474,10 +480,7 @@ class Engine:
         self._sample(hidden.view(hi, 2, -1), jobs, {id(j): j.slot_index for j in jobs})
 
     def _call_decoder(self, tok, pos, km, length):
-        if self._compile_mode and not self._compiled:
-            self._compiled = True
-            self._step_fn = torch.compile(self._decoder, mode=self._compile_mode, dynamic=bool(self.length_bucket))
-        if self._step_fn is self._decoder:
+        if not self.compiled:
             return self._decoder(tok, pos, km, length)
         try:
             if self._compile_mode == "reduce-overhead":
