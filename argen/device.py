@@ -75,7 +75,8 @@ def keep_freed_cpu_memory() -> bool:
     that was half the time of a VQ-tiny encoder forward (40 ms -> 21 ms for 20 crops once freed blocks are reused).
     Raising the mmap and trim thresholds keeps freed blocks in the heap for the next forward, at the price of a
     higher peak RSS (VQ-16, 10 crops at 256 px: 3.0 GB instead of 2.1 GB). Process-wide and
-    idempotent; a no-op off glibc, under ARGEN_KEEP_MALLOC=1, or where jemalloc/tcmalloc is preloaded.
+    idempotent; a no-op (returning False) off glibc, on a glibc that refuses the threshold, under
+    ARGEN_KEEP_MALLOC=1, or where jemalloc/tcmalloc is preloaded.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
@@ -87,7 +88,8 @@ def keep_freed_cpu_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, 1 << 31) == 1
+        # -1 disables trimming (mallopt(3)); older glibc releases refuse mmap thresholds above 32 MiB: False there
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, -1) == 1
     except (OSError, AttributeError):
         return False
     _ALLOCATOR_TUNED = ok

@@ -478,6 +478,16 @@ print(before, mmapped_during_alloc())
     assert out == ["1", "0"], out
 
 
+def test_untuned_allocator_is_reported(tmp_path, vq_dir, monkeypatch):
+    import argen.device
+
+    monkeypatch.setattr(argen.device, "keep_freed_cpu_memory", lambda: False)
+    logs = []
+    TokenizeJob(make_cfg(vq_dir, str(tmp_path / "o"), "source.num_images=4"), log=logs.append).run_part(
+        Part(0, 1, "single"))
+    assert any("allocator thresholds not set" in m for m in logs), logs
+
+
 def test_auto_crops_per_forward_fits_the_accelerator():
     from argen.model.vq import vq_config
     from argen.tokenize_offline.job import auto_crops_per_forward

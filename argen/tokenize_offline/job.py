@@ -304,8 +304,10 @@ class TokenizeJob:
             return stats
 
         device = dev.default_device()
-        if not dev.is_accelerator(device):
-            dev.keep_freed_cpu_memory()  # inherited by the forked decode workers
+        if not dev.is_accelerator(device) and not dev.keep_freed_cpu_memory():  # inherited by forked workers
+            self.log("note: glibc allocator thresholds not set (ARGEN_KEEP_MALLOC=1, a preloaded allocator or a glibc "
+                     "that refuses them); unless another allocator reuses freed blocks, CPU encoding runs up to 2x "
+                     "slower (argen.device.keep_freed_cpu_memory)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)  # oversubscribed CPUs run small convs far slower with spinning threads
         from argen.model.io import load as load_model
