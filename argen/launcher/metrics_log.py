@@ -20,9 +20,10 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from argen.model.gpt import GPTConfig
+if TYPE_CHECKING:  # scaling.py reads metrics through this module on login nodes: no torch import
+    from argen.model.gpt import GPTConfig
 
 
 def flops_per_token(cfg: GPTConfig) -> float:
@@ -49,16 +50,21 @@ def git_revision(cwd: str | None = None) -> str:
     return "unknown"
 
 
-def _step_at_most(line: str, step: int) -> bool:
-    """A metrics line to keep on resume: parses as a record with step <= `step`. Lines that do not parse (cut short
-    by a killed job) are dropped, as scaling.read_metrics skips them."""
-    if not line.strip():
-        return False
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(rec, dict) and rec.get("step", 0) <= step
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; lines that do not parse (cut short by a killed job) are skipped."""
+    recs = []
+    if not path.is_file():
+        return recs
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+    return recs
 
 
 def _wandb_mode(setting: str) -> str | None:
@@ -88,8 +94,8 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.is_file():  # drop lines past the resumed step (they will be redone)
-            kept = [ln for ln in self.path.read_text().splitlines() if _step_at_most(ln, resume_step)]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         mode = _wandb_mode(wandb_setting)
         if mode is not None:
             try:

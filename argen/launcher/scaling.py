@@ -20,23 +20,7 @@ import statistics
 from pathlib import Path
 
 from argen.errors import ArgenError
-
-
-def read_metrics(path: Path) -> list[dict]:
-    recs = []
-    if not path.is_file():
-        return recs
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed job
-        if isinstance(rec, dict):
-            recs.append(rec)
-    return recs
+from argen.launcher.metrics_log import read_metrics
 
 
 def _steady(values: list[float]) -> float | None:
