@@ -8,6 +8,8 @@
           layout.json                         {tp, pp, dp, zero, precision, engine, world_size, global_batch}
           trainer.json                        step, samples seen, LR-scheduler state, global data position
           rank-00000.pt ...                   per rank: RNG states and the data-loader state
+          ema-pp00-tp00.pt ...                EMA shadow of each (pipeline stage, TP rank), when optim.ema is on
+                                              (written once, by data-parallel rank 0: the replicas hold the same)
           universal/params-pp00-tp00.safetensors ...
                                               fp32 master weights + AdamW moments (exp_avg, exp_avg_sq) of each
                                               (pipeline stage, TP rank), gathered over data-parallel/ZeRO shards,
@@ -127,8 +129,17 @@ def local_full_state(par) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # save
 
+def writes_universal(par, requested: bool) -> bool:
+    """Whether a save writes the layout-free copy: when requested, and always without DeepSpeed (no other copy)."""
+    return requested or par.engine is None
+
+
+def ema_path(ckpt: Path, par) -> Path:
+    return ckpt / "argen" / f"ema-pp{par.pp_rank:02d}-tp{par.tp_rank:02d}.pt"
+
+
 def save(run_dir: Path, step: int, par, trainer_state: dict, rank_state: dict, layout_info: dict,
-         keep: int = 0, universal: bool = True) -> Path:
+         keep: int = 0, universal: bool = True, ema_shadow: dict | None = None) -> Path:
     """Write checkpoint `step-XXXXXXXX` (all ranks call this). `universal=False` skips the layout-free copy
     (DeepSpeed's files only: a same-layout resume still works, re-sharding and exports of it do not)."""
     root = run_dir / "checkpoints"
@@ -142,7 +153,7 @@ def save(run_dir: Path, step: int, par, trainer_state: dict, rank_state: dict, l
     _barrier()
     if par.engine is not None:
         par.engine.save_checkpoint(str(root), tag=tag, client_state={"argen_step": step}, save_latest=False)
-    full = local_full_state(par) if (universal or par.engine is None) else None
+    full = local_full_state(par) if writes_universal(par, universal) else None
     if full is not None and par.dp_rank == 0:
         buffers = {}
         if par.pp_rank == 0 and par.tp_rank == 0:
@@ -151,6 +162,8 @@ def save(run_dir: Path, step: int, par, trainer_state: dict, rank_state: dict, l
         save_file({**{k: v.contiguous() for k, v in full.items()}, **buffers},
                   str(ckpt / "argen" / "universal" / f"params-pp{par.pp_rank:02d}-tp{par.tp_rank:02d}.safetensors"))
     torch.save(rank_state, ckpt / "argen" / f"rank-{rank:05d}.pt")
+    if ema_shadow is not None and par.dp_rank == 0:
+        torch.save({k: v.cpu() for k, v in ema_shadow.items()}, ema_path(ckpt, par))
     _barrier()
     if rank == 0:
         (ckpt / "argen" / "layout.json").write_text(json.dumps(layout_info, indent=2))

@@ -20,7 +20,7 @@ from argen.config import save_config, to_dict
 from argen.errors import ArgenError
 from argen.launcher import checkpoint as ckpt_io
 from argen.launcher import dist_env, preemption
-from argen.launcher.metrics_log import MetricsLogger, flops_per_token, git_revision
+from argen.launcher.metrics_log import MetricsLogger, flops_per_token
 from argen.launcher.train_config import TrainConfig
 from argen.model.gpt import GPT, GPTConfig
 from argen.parallel import parallelize, resolve_layout
@@ -39,9 +39,6 @@ class SyntheticCodes:
         self.g, self.n, self.seed = gcfg, num_samples, seed
         self.dp_rank, self.dp, self.micro = dp_rank, dp, micro
         self.k = 0  # micro-batches produced by this rank
-        self._wait = 0.0
-        self._samples = 0
-        self._t0 = time.perf_counter()
 
     def _sample(self, i: int) -> dict:
         g = self.g
@@ -71,12 +68,9 @@ class SyntheticCodes:
         return self
 
     def __next__(self) -> dict:
-        t = time.perf_counter()
         start = (self.k * self.dp + self.dp_rank) * self.micro
         items = [self._sample(start + i) for i in range(self.micro)]
         self.k += 1
-        self._samples += self.micro
-        self._wait += time.perf_counter() - t
         return {key: torch.stack([it[key] for it in items]) for key in items[0]}
 
     def state_dict(self) -> dict:
@@ -94,13 +88,10 @@ class SyntheticCodes:
             raise ArgenError(f"data position {state['samples']} is not a multiple of micro_batch x dp = {per}")
         self.k = state["samples"] // per
 
-    def stats(self) -> dict:
-        el = max(time.perf_counter() - self._t0, 1e-9)
-        return {"samples_per_s": self._samples / el, "data_wait_frac": self._wait / el}
-
 
 class ShardBatches:
-    """Adapter over argen.data_pipeline.loader: renames its batch keys to the loop's (codes, cond, cond_mask, valid)."""
+    """Adapter over argen.data_pipeline.loader: renames its batch keys (argen.data_pipeline.collate: codes, labels or
+    caption_embs + caption_mask, valid) to the loop's (codes, cond, cond_mask, valid)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -112,19 +103,12 @@ class ShardBatches:
     def __next__(self) -> dict:
         b = next(self.it)
         out = {"codes": b["codes"].long()}
-        for key in ("labels", "label", "cls"):
-            if key in b:
-                out["cond"] = torch.as_tensor(b[key]).long()
-        for key in ("caption_embs", "caption", "t5", "caption_features"):
-            if key in b:
-                out["cond"] = b[key].float()
-        for key in ("caption_mask", "cond_mask"):
-            if key in b:
-                out["cond_mask"] = b[key].bool()
+        if "labels" in b:
+            out["cond"] = torch.as_tensor(b["labels"]).long()
+        else:
+            out["cond"], out["cond_mask"] = b["caption_embs"].float(), b["caption_mask"].bool()
         if "valid" in b:
             out["valid"] = torch.as_tensor(b["valid"]).float()
-        if "cond" not in out:
-            raise ArgenError(f"the data loader's batches have no condition (keys: {sorted(b)})")
         return out
 
     def state_dict(self) -> dict:
@@ -138,8 +122,6 @@ class ShardBatches:
         self.inner.load_state_dict(state)
         self.it = iter(self.inner)
 
-    def stats(self) -> dict:
-        return self.inner.stats()
 
     def close(self) -> None:
         self.inner.close()
@@ -293,8 +275,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             rs = torch.load(rank_file, weights_only=False)
             dev.set_rng_state(rs["rng"])
             loader.load_state_dict(rs["data"])
-            if ema is not None and rs.get("ema") is not None:
-                ema.shadow = {k: v.to(device) for k, v in rs["ema"].items()}
+            if ema is not None and ckpt_io.ema_path(resume, par).is_file():
+                ema.shadow = {k: v.to(device) for k, v in torch.load(ckpt_io.ema_path(resume, par)).items()}
         else:  # another layout: data position from the global state, fresh RNG streams, EMA from the weights
             loader.load_state_dict(trainer_state["data"])
             _seed_rank(cfg.train.seed, coords["dp"], step)
@@ -360,17 +342,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 
 def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict, ema, is_main: bool,
-                    rank: int, revision: str | None = None) -> Path:
+                    rank: int, revision: str) -> Path:
     run_dir = Path(cfg.run_dir)
     trainer_state = {"step": step, "samples_seen": step * cfg.train.global_batch, "data": loader.global_state_dict(),
                      "scheduler": {"last_epoch": step}}
-    rank_state = {"rng": dev.rng_state(), "data": loader.state_dict(),
-                  "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema is not None else None}
+    rank_state = {"rng": dev.rng_state(), "data": loader.state_dict()}
     path = ckpt_io.save(run_dir, step, par, trainer_state, rank_state, layout_info, keep=cfg.train.keep_checkpoints,
-                        universal=cfg.train.universal_checkpoint)
-    has_universal = cfg.train.universal_checkpoint or par.engine is None
+                        universal=cfg.train.universal_checkpoint, ema_shadow=ema.shadow if ema is not None else None)
     export_every = cfg.train.export_every or cfg.train.checkpoint_every
-    if is_main and has_universal and (not export_every or step % export_every == 0 or step == cfg.train.max_steps):
+    if is_main and ckpt_io.writes_universal(par, cfg.train.universal_checkpoint) and (not export_every or step % export_every == 0 or step == cfg.train.max_steps):
         export(cfg, path, step, revision=revision)
     if ema is not None:
         _export_ema(cfg, par, ema, step)
@@ -379,16 +359,16 @@ def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict,
     return path
 
 
-def export(cfg: TrainConfig, ckpt: Path, step: int, revision: str | None = None) -> Path:
+def export(cfg: TrainConfig, ckpt: Path, step: int, revision: str) -> Path:
     """Consolidated export RUN_DIR/exports/step-XXXXXXXX (config.json + model.safetensors) from a checkpoint.
-    `revision`: the git revision already computed (the logger's); looked up here only when not given."""
+    `revision`: the git revision, computed once by the logger."""
     import argen.model as argen_model
     params, _ = ckpt_io.read_universal(ckpt)
     model = GPT(cfg.model.gpt_config())
     ckpt_io.load_weights_into(model, params, str(ckpt))
     out = Path(cfg.run_dir) / "exports" / ckpt_io.tag_for(step)
     return argen_model.save(model, out, meta={"step": step, "checkpoint": str(ckpt),
-                                              "git_revision": revision or git_revision(),
+                                              "git_revision": revision,
                                               "samples_seen": step * cfg.train.global_batch})
 
 
