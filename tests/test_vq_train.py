@@ -157,7 +157,10 @@ def test_rfid_through_argen_eval(tmp_path):
     result = train(cfg)
     assert isinstance(result["rfid"], float) and np.isfinite(result["rfid"]) and result["rfid_images"] == 5
     assert 0 < result["rfid_psnr"] < 100
-    assert (tmp_path / "r" / "rfid" / "recon-step-00000001.npz").is_file()
+    from argen.eval.npz import NpzImages
+    assert len(NpzImages(tmp_path / "r" / "rfid" / "recon-step-00000001.npz")) == 5
+    first = NpzImages(tmp_path / "r" / "rfid" / "reference-first-5.npz").read_all()
+    assert np.array_equal(first, ref.permute(0, 2, 3, 1).numpy()[:5])  # paired: the same images, in order
     # without a reference set the status says so instead of a number
     plain = train(_cfg(tmp_path / "p", max_steps=1, ema=False, grid_every=100, ckpt_every=100))
     assert plain["rfid"].startswith("unavailable")

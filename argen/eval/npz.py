@@ -77,13 +77,15 @@ class NpzImages:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        """The images in file order, batch_size at a time; only the first `limit` when given."""
         per = int(np.prod(self.shape[1:]))
+        total = self.shape[0] if limit is None else min(limit, self.shape[0])
         with zipfile.ZipFile(self.path) as zf:
             f, *_ = _open_member(zf, "arr_0", self.path)
             with f:
-                for start in range(0, self.shape[0], batch_size):
-                    n = min(batch_size, self.shape[0] - start)
+                for start in range(0, total, batch_size):
+                    n = min(batch_size, total - start)
                     buf = f.read(n * per)
                     if len(buf) != n * per:
                         raise ArgenError(f"{self.path}: arr_0 is truncated at image {start}")

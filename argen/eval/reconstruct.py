@@ -23,8 +23,10 @@ from argen.eval.sample import to_uint8
 
 @torch.inference_mode()
 def reconstruct(vq_dir: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 32,
-                device=None, vq=None) -> dict:
-    """Write OUT.npz with the VQ reconstructions of IMAGES.npz (same order and size) and OUT.json beside it."""
+                device=None, vq=None, limit: int | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Write OUT.npz with the VQ reconstructions of IMAGES.npz (same order and size; only the first `limit` images
+    when given) and OUT.json beside it. `vq`: a model already loaded (vq_dir then only names it); `dtype`: autocast
+    precision (None: fp32)."""
     from argen.model import load
     device = device or dev.default_device()
     vq = vq or load(vq_dir, device=device)
@@ -35,15 +37,18 @@ def reconstruct(vq_dir: str | Path, images: str | Path, out: str | Path, *, batc
     if src.shape[1] % f or src.shape[2] % f:
         raise ArgenError(f"{images}: image size {src.shape[1:3]} is not a multiple of the VQ downsampling {f}")
     out = Path(out)
+    n = len(src) if limit is None else min(limit, len(src))
     start = time.time()
-    with npz_writer(out, src.shape) as write:
-        for batch in tqdm(src.batches(batch_size), total=-(-len(src) // batch_size), desc="reconstructing",
+    with npz_writer(out, (n, *src.shape[1:])) as write:
+        for batch in tqdm(src.batches(batch_size, n), total=-(-n // batch_size), desc="reconstructing",
                           unit="batch", disable=None):
             x = torch.from_numpy(batch.copy()).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            codes = vq.encode(x)
-            write(to_uint8(vq.decode(codes), None, "none"))
+            with dev.autocast(device, dtype):
+                codes = vq.encode(x)
+                recon = vq.decode(codes).float()
+            write(to_uint8(recon, None, "none"))
     record = {"format": "argen-reconstructions-1", "vq": {"path": str(vq_dir), "name": vq.config.name},
-              "source": {"path": str(images), "num_images": len(src), "image_size": list(src.shape[1:3])},
+              "source": {"path": str(images), "num_images": n, "image_size": list(src.shape[1:3])},
               "seconds": round(time.time() - start, 2), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     sidecar_path(out).write_text(json.dumps(record, indent=2))
     return record
