@@ -147,19 +147,22 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _lock_body(owner: str, gen: int, state: str, created: float, **extra) -> bytes:
+    return json.dumps({"owner": owner, "gen": gen, "state": state, "created": created, "heartbeat": _now(),
+                       **extra}).encode()
+
+
 class Claim:
     """A held claim on one export; heartbeats in a thread until released."""
 
-    def __init__(self, store: Store, path: str, gen: int, owner: str, heartbeat_s: float):
-        self.store, self.path, self.gen, self.owner = store, path, gen, owner
-        self.created = _now()
+    def __init__(self, store: Store, path: str, gen: int, owner: str, heartbeat_s: float, created: float):
+        self.store, self.path, self.gen, self.owner, self.created = store, path, gen, owner, created
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True)
         self._thread.start()
 
     def _content(self, state: str, **extra) -> bytes:
-        return json.dumps({"owner": self.owner, "gen": self.gen, "state": state, "created": self.created,
-                           "heartbeat": _now(), **extra}).encode()
+        return _lock_body(self.owner, self.gen, state, self.created, **extra)
 
     def _beat(self, every: float) -> None:
         while not self._stop.wait(every):
@@ -224,21 +227,19 @@ class Records:
         if state != "free":
             return None
         path = self.store.path("eval", "locks", self.name, f"{tag}.lock.{gen}")
-        owner = self.owner
-        body = json.dumps({"owner": owner, "gen": gen, "state": "running", "created": _now(),
-                           "heartbeat": _now()}).encode()
+        owner, created = self.owner, _now()
         try:
-            self.store.create_exclusive(path, body)
+            self.store.create_exclusive(path, _lock_body(owner, gen, "running", created))
         except ExistsError:
             return None
         try:
             if self.has_result(tag):  # finished by a watcher that held the previous claim
-                self.store.replace(path, json.dumps({"owner": owner, "gen": gen, "state": "done"}).encode())
+                self.store.replace(path, _lock_body(owner, gen, "done", created))
                 return None
-            return Claim(self.store, path, gen, owner, heartbeat_s=max(self.lock_ttl / 6, 0.05))
+            return Claim(self.store, path, gen, owner, heartbeat_s=max(self.lock_ttl / 6, 0.05), created=created)
         except BaseException as e:  # e.g. SIGTERM right after the claim was created: do not leave it to go stale
-            self.store.replace(path, json.dumps({"owner": owner, "gen": gen, "state": "interrupted",
-                                                 "error": f"{type(e).__name__}: {e}"}).encode())
+            self.store.replace(path, _lock_body(owner, gen, "interrupted", created,
+                                                error=f"{type(e).__name__}: {e}"))
             raise
 
     def write_result(self, tag: str, record: dict) -> bool:
