@@ -39,8 +39,8 @@ training with an ArgenError; a shard that stays unreadable after the retry budge
 Who does what: boto3 (S3) or fsspec (files) fetch each shard whole with one GET (storage.read_whole); a regular c2i
 shard is located arithmetically and verified with numpy, anything else is split by a small tar header walker
 (reader.py; Python's tarfile for anything unusual) and decoded by shard_format.decode_sample; torch DataLoader
-worker processes read blocks (a thread does it when num_workers=0) while a thread per worker prefetches the next
-block's shards, and this module assembles batches in the main process in a fixed order.
+worker processes read blocks (a thread does it when num_workers=0) while a small thread pool per worker prefetches the
+next block's shards, and this module assembles batches in the main process in a fixed order.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ import torch
 
 from argen.data_pipeline import shard_format, storage
 from argen.data_pipeline.collate import collate
-from argen.data_pipeline.reader import ReadEvents, Source, fetch, read_block
+from argen.data_pipeline.reader import ReadEvents, Source, read_block
 from argen.data_pipeline.retry import RetryConfig, ShardUnreadable
 from argen.data_pipeline.sampler import BlockRef, EpochPlan, Mixture, schedule
 from argen.errors import ArgenError
@@ -145,7 +145,8 @@ class _BlockStream(torch.utils.data.IterableDataset):
         def submit(ref: BlockRef) -> None:
             block = self.plans[ref.component].block(ref.epoch, ref.index)
             src = self.sources[ref.component]
-            pending.append((ref, block, [pool.submit(fetch, src.shard_urls[s.shard]) for s in block.segments]))
+            pending.append((ref, block, [pool.submit(storage.read_whole, src.shard_urls[s.shard])
+                                         for s in block.segments]))
 
         try:
             submit(next(mine))
@@ -306,7 +307,8 @@ class ShardLoader:
         if self.cfg.num_workers > 0:
             # Forked workers inherit the parent's s3fs/aiohttp sessions, bound to the parent's event loop; closing
             # them in the child prints "attached to a different loop" tracebacks. Remote data sets therefore start
-            # their workers from a clean forkserver process (a second or two of start-up per epoch).
+            # their workers from a clean forkserver process (a second or two each time the loader starts: the first
+            # batch, and after load_state_dict).
             remote = any(storage.is_remote(u) for u in self.urls)
             self._dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                                                    prefetch_factor=self.cfg.prefetch_blocks,

@@ -232,11 +232,6 @@ def _tarfile_members(buf: bytes) -> Iterator[tuple[str, bytes]]:
                 yield member.name, tar.extractfile(member).read()
 
 
-def fetch(url: str) -> bytes:
-    """A whole shard's bytes: one GET on S3 (no HEAD first); a missing object raises FileNotFoundError."""
-    return storage.read_whole(url)
-
-
 def _read_segment(url: str, seg: Segment, counter: list[int], raw: Future | None = None,
                   regular: "_CodesDecoder | None" = None) -> list[dict[str, bytes]] | _Regular:
     """Members of samples [seg.lo, seg.hi) of one shard, grouped per sample, in stored order; or, given the c2i
@@ -246,7 +241,8 @@ def _read_segment(url: str, seg: Segment, counter: list[int], raw: Future | None
     shards are a few MB, and blocks are cut at shard boundaries, so a block needs its shards whole. `raw` is a
     read started ahead of time (see loader._BlockStream); it is used for the first attempt only.
     """
-    buf = raw.result() if raw is not None else fetch(url)   # a prefetched read's error is handled like any other
+    # a prefetched read's error is handled like any other
+    buf = raw.result() if raw is not None else storage.read_whole(url)
     counter[0] += len(buf)
     buf = shard_format.decompress(buf)
     if regular is not None:

@@ -85,7 +85,6 @@ class Block:
 @dataclass(frozen=True)
 class _Layout:
     segments: tuple[Segment, ...]     # the rank's part of the epoch's stream, in stream order
-    seg_starts: np.ndarray            # rank position of each segment's first sample (plus the end)
     bounds: np.ndarray                # rank positions where blocks start (plus rank_len at the end)
     seg_of_block: np.ndarray          # index of each block's first segment (plus len(segments))
 
@@ -126,7 +125,7 @@ class EpochPlan:
         order = self.shard_order(epoch)
         ends = np.cumsum(self.counts[order])
         lo, hi = self.rank_start, self.rank_start + self.rank_len
-        segments, starts = [], []
+        segments = []
         k = int(np.searchsorted(ends, lo, side="right"))
         pos = lo
         while pos < hi:
@@ -134,19 +133,17 @@ class EpochPlan:
             take_hi = min(hi, int(ends[k]))
             if take_hi > pos:
                 segments.append(Segment(int(order[k]), pos - shard_begin, take_hi - shard_begin))
-                starts.append(pos - lo)
             pos = take_hi
             k += 1
-        bounds, first_seg = [0], [0]
+        bounds, first_seg, end = [0], [0], 0
         for i, seg in enumerate(segments):
-            end = starts[i] + seg.hi - seg.lo
+            end += seg.hi - seg.lo
             if end - bounds[-1] >= self.block_size and end < self.rank_len:
                 bounds.append(end)
                 first_seg.append(i + 1)
         bounds.append(self.rank_len)
         first_seg.append(len(segments))
-        lay = _Layout(tuple(segments), np.asarray(starts + [self.rank_len], dtype=np.int64),
-                      np.asarray(bounds, dtype=np.int64), np.asarray(first_seg, dtype=np.int64))
+        lay = _Layout(tuple(segments), np.asarray(bounds, dtype=np.int64), np.asarray(first_seg, dtype=np.int64))
         if len(self._layouts) > 4:
             self._layouts.pop(min(self._layouts))
         self._layouts[epoch] = lay
