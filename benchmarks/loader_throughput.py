@@ -4,8 +4,8 @@
         [--compression zstd none gzip] [--shuffle-buffer 1024] [--no-s3] [--no-gpt] [--gpt-batch 8] [--gpt-steps 3]
 
 Prints, from one run on the same synthetic codes (256 px ten-crop: 10 augmentations x 256 tokens per sample):
-- reference: LlamaGen's layout (`{i}.npy` int64 (1, 10, 256) + `{i}.npy` label per sample, llamagen.md 5.1) through
-  a map-style Dataset (random augmentation column per access) and torch DataLoader (shuffle, drop_last);
+- reference: LlamaGen's layout (`{i}.npy` int64 (1, 10, 256) + `{i}.npy` label per sample, as extract_codes_c2i.py
+  writes it) through a map-style Dataset (random augmentation column per access) and torch DataLoader (shuffle, drop_last);
 - argen local: build_loader over WebDataset shards (1000 samples each) on local disk, once per --compression;
 - argen s3: the same shards on the S3 test server (needs `bash ci/infra/s3-up.sh`; skipped if it is not up);
 - the data wait of a GPT-B c2i training step on this CPU (argen.model.gpt), from loader.stats()["wait_fraction"].

@@ -1,6 +1,6 @@
 """Sampling speed: the reference-style eager loop vs `argen.generate` vs the serving engine, in one run.
 
-Protocol (LlamaGen serve/README, llamagen.md §3.3/§4): 8 class labels with CFG (16 sequences), cfg 4.0, top-k 2000,
+Protocol (LlamaGen serve/README and sample_c2i.py): 8 class labels with CFG (16 sequences), cfg 4.0, top-k 2000,
 576 image tokens (384 px), AR sampling only (no VQ decode). Prints seconds per batch and images/s for each
 sampler and the ratios. Random weights: speed does not depend on them.
 

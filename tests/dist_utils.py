@@ -1,6 +1,6 @@
 """`run_distributed(fn, world_size, *args)`: run a module-level function in N spawned processes on gloo.
 
-The launcher pattern of shared/reference/distributed.md: a free port on 127.0.0.1, torch.multiprocessing spawn,
+The usual launcher pattern for CPU process groups: a free port on 127.0.0.1, torch.multiprocessing spawn,
 MASTER_ADDR/PORT, RANK/WORLD_SIZE/LOCAL_RANK and a thread cap set in each child before `fn(rank, *args)` runs.
 The children initialise nothing themselves: argen's own launch detection (dist_env.init) reads those variables, so
 the tests exercise the same path as torchrun. A wall-clock timeout kills only these children, by PID.

@@ -52,7 +52,7 @@ def test_parameter_count_and_order_match_the_model(model_type):
     model = GPT(cfg)
     assert P.total_params(cfg) == count_parameters(model)
     assert P.stage_param_sizes(cfg, P.Layout(), 0) == [p.numel() for p in model.parameters()]
-    # the named sizes as the reference reports them (llamagen.md §2.2)
+    # the named sizes as the reference reports them (LlamaGen's model table)
     assert P.total_params(gpt_config("GPT-B")) == 110_888_448
     assert P.total_params(gpt_config("GPT-3B")) == 3_096_659_200
     assert P.total_params(gpt_config("GPT-XL", model_type="t2i")) == 777_678_080

@@ -33,7 +33,8 @@ from argen.eval import EVALUATOR_VERSION
 from argen.eval.npz import npz_writer, sidecar_path
 from argen.model import pixels
 
-# cfg used for the published FID of each size (llamagen.md §3.2); other models fall back to the DDP default 1.5.
+# cfg used for the published FID of each size (LlamaGen's README and `sample_c2i_ddp.py` commands); other models
+# fall back to the DDP default 1.5.
 REFERENCE_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
 DEFAULT_CFG = 1.5
 RESIZE_MODES = ("bicubic", "bicubic-aa", "none")

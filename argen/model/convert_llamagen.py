@@ -1,8 +1,8 @@
 """Import LlamaGen GPT checkpoints into argen's format (config.json + model.safetensors).
 
 The released files come in three wrappers: {"model": sd} (DDP runs), {"module": sd} (DeepSpeed) and raw state dicts
-(FSDP consolidated: XXL, 3B). Key names already equal argen's module names (reference §2.7), so the map is the
-identity after stripping wrapper prefixes and dropping caches; it is strict all the same: every key used, none
+(FSDP consolidated: XXL, 3B). Key names already equal argen's module names (LlamaGen
+`autoregressive/models/gpt.py`), so the map is the identity after stripping wrapper prefixes and dropping caches; it is strict all the same: every key used, none
 missing, every shape checked. Converted models record rope_prefix='reference' because the weights were trained with
 zeroed prefix RoPE rows.
 """

@@ -76,7 +76,7 @@ def generate(model, cond: torch.Tensor, *, cond_mask: torch.Tensor | None = None
     cond = cond.to(device)
     if use_cfg:
         cond = torch.cat([cond, model.null_condition(B, device).to(cond.dtype)])
-        if cond_mask is not None:  # the uncond half keeps the prompt's mask, as in training (reference §3.1)
+        if cond_mask is not None:  # the uncond half keeps the prompt's mask, as in training (LlamaGen generate.py)
             cond_mask = torch.cat([cond_mask, cond_mask])
     rows = cond.shape[0]
     generator = None

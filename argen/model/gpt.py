@@ -1,4 +1,4 @@
-"""The Llama-style GPT for class- and text-conditional image-token generation (LlamaGen, reference §2).
+"""The Llama-style GPT for class- and text-conditional image-token generation (LlamaGen `autoregressive/models/gpt.py`).
 
 Plain PyTorch, no distributed code: argen/parallel swaps in tensor-parallel layers and pipeline stages.
 Sequence layout: [prefix (cls_token_num condition embeddings); image tokens 0..N-2]; the prefix's last position
@@ -90,7 +90,7 @@ class GPTConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
-# name -> (n_layer, n_head, dim); reference §2.2
+# name -> (n_layer, n_head, dim); LlamaGen's GPT_models table
 GPT_SIZES: dict[str, tuple[int, int, int]] = {
     "GPT-tiny": (2, 4, 128),
     "GPT-small": (6, 8, 384),
@@ -365,7 +365,6 @@ class GPT(nn.Module):
         S = x.shape[1]
         h = self.run_layers(x, self.rope[start_pos:start_pos + S], mask, start_pos)
         return self.norm(h[:, -1])
-
 
 
 def gpt_loss(logits: torch.Tensor, codes: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Token sampling shared by `argen.generate` and the serving engine: one implementation, so a seeded request gets
 the same codes from both.
 
-Per step and image, as the reference (llamagen.md §3.1): CFG -> temperature -> top-k -> top-p -> draw. Two changes of
-arithmetic keep the distribution and cut the work of a decode step:
+Per step and image, as the reference (LlamaGen `autoregressive/models/generate.py`): CFG -> temperature -> top-k ->
+top-p -> draw. Two changes of arithmetic keep the distribution and cut the work of a decode step:
 - CFG is applied to the final (normed) hidden state, before the output head. The head is linear without a bias, so
   head(u + s(c - u)) = head(u) + s(head(c) - head(u)), and the head runs on one row per image instead of two.
 - The draw is inverse-CDF sampling over the candidates (the top-k when top_k > 0, else the whole vocabulary) with

@@ -3,7 +3,7 @@
 Layout. The cache holds `max_batch` *slots*; a slot is one image being generated and owns the two adjacent cache
 rows 2s (conditional) and 2s+1 (unconditional). The uncond row of an image is therefore always its own, whatever
 order requests arrive or finish in: CFG reads a (slots, 2, ...) view of the batch, never "the second half of the batch"
-(the reference's vLLM fork pairs rows by request order, llamagen.md §4).
+(the reference's vLLM fork pairs rows by request order, LlamaGen `autoregressive/serve/`).
 
 Loop (one worker thread owns the model and the cache):
   1. admit queued requests into free slots (a request of n images takes n slots; FIFO, no overtaking);

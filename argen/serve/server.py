@@ -55,7 +55,7 @@ def bad(message: str) -> HTTPError:
 
 @dataclass
 class Defaults:
-    """Sampling defaults when a request leaves a field out: the reference demo settings (llamagen.md §3.2)."""
+    """Sampling defaults when a request leaves a field out: the reference demo settings (LlamaGen `sample_c2i.py`)."""
     cfg_scale: float
     top_k: int
     temperature: float = 1.0
