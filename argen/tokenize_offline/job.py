@@ -331,8 +331,7 @@ class TokenizeJob:
         if index.kind != "img2dataset":
             total = sum(len(index.units[j]) for j in pending)
         else:  # known only when img2dataset's NNNNN_stats.json files were found
-            counts = [index.units[j].get("count") for j in pending]
-            total = sum(counts) if all(c is not None for c in counts) else None
+            total = src.known_total([index.units[j].get("count") for j in pending])
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="img", desc=f"tokenize part {part.index}/{part.count}", dynamic_ncols=True,

@@ -200,25 +200,33 @@ def index_img2dataset(path: str, parquet: bool, limit_shards: int | None = None)
         raise ArgenError(f"source.path {path}: no .tar shards found")
     if limit_shards:
         urls = urls[:limit_shards]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:  # one small object per shard: tens of thousands on S3 for LAION
+        counts = list(pool.map(_img2dataset_count, [u[: -len(".tar")] + "_stats.json" for u in urls]))
     units = []
-    for u in urls:
-        spec: dict[str, Any] = {"tar": u}
+    for u, count in zip(urls, counts):
+        spec: dict[str, Any] = {"tar": u, "count": count}
         if parquet:
             spec["parquet"] = u[: -len(".tar")] + ".parquet"
-        spec["count"] = _img2dataset_count(u[: -len(".tar")] + "_stats.json")
         units.append(spec)
-    counts = [s["count"] for s in units]
-    total = sum(counts) if all(c is not None for c in counts) else None
-    return SourceIndex("img2dataset", "caption", units, num_items=total, meta={"path": path, "shards": len(urls)})
+    return SourceIndex("img2dataset", "caption", units, num_items=known_total(counts),
+                       meta={"path": path, "shards": len(urls)})
+
+
+def known_total(counts: list[int | None]) -> int | None:
+    """The sum, when every count is known (img2dataset shards without a stats file have none)."""
+    return sum(counts) if all(c is not None for c in counts) else None
 
 
 def _img2dataset_count(stats_url: str) -> int | None:
-    """Successful downloads in a shard from img2dataset's NNNNN_stats.json (for the progress bar), if present."""
+    """Successful downloads in a shard from img2dataset's NNNNN_stats.json (for the progress bar), if present.
+    Optional: any failure to read it (missing, unreadable, a storage error) leaves the count unknown."""
     import json
 
     try:
         return int(json.loads(storage.read_bytes(stats_url))["successes"])
-    except (FileNotFoundError, KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError):
         return None
 
 
