@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _latest_export(run_dir: Path) -> Path | None:
-    exports = sorted((run_dir / "exports").glob("step-*"))
-    done = [e for e in exports if (e / "config.json").is_file()]
-    return done[-1] if done else None
+    from argen.eval.records import Store, list_exports
+    done = [e for e in list_exports(Store(str(run_dir))) if not e.variant]  # not the -ema copies
+    return Path(done[-1].path) if done else None
 
 
 def _run(step: str, args: list[str], env: dict) -> None:
@@ -54,9 +54,9 @@ def _reference_images(path: Path, n: int, size: int) -> None:
 def _inception_weights(out: Path) -> tuple[str, bool]:
     """The real FID Inception if the user placed it; else random-init weights (the numbers then only prove the path)."""
     from argen.eval.inception import InceptionV3, default_weights_path, save_inception
-    real = os.environ.get("ARGEN_INCEPTION_WEIGHTS") or str(default_weights_path())
-    if Path(real).is_file():
-        return real, True
+    real = default_weights_path()  # $ARGEN_INCEPTION_WEIGHTS, else the cache path
+    if real.is_file():
+        return str(real), True
     path = out / "random-inception.safetensors"
     if not path.is_file():
         import torch
@@ -107,11 +107,11 @@ def main(argv: list[str]) -> int:
     else:
         print(f"\n=== 2/5 code shards: using {codes}")
 
-    from argen.model.io import read_record
-    vq_cfg = read_record(vq)["config"]
-    image_size = 64
-    grid_args = [f"model.image_size={image_size}", f"model.downsample={image_size // _grid(codes)}",
-                 f"model.vocab_size={vq_cfg.get('codebook_size', 1024)}", "model.num_classes=10"]
+    from argen.data_pipeline.shard_format import read_manifest
+    shards = read_manifest(str(codes))
+    image_size = shards.image_size
+    grid_args = [f"model.image_size={image_size}", f"model.downsample={image_size // shards.grid}",
+                 f"model.vocab_size={shards.codebook_size}", "model.num_classes=10"]
     gpt_run = out / "gpt"
     gpt = _latest_export(gpt_run)
     if gpt is None:
@@ -146,11 +146,6 @@ def main(argv: list[str]) -> int:
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:\n  {grid_png}\n  {vq_run}/grids/\n"
           f"  {ev / 'metrics.json'}\n  {gpt_run}/metrics.jsonl")
     return 0
-
-
-def _grid(codes_dir: Path) -> int:
-    from argen.data_pipeline.shard_format import read_manifest
-    return read_manifest(str(codes_dir)).grid
 
 
 if __name__ == "__main__":
