@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_speed import reference_model, timed as timed_best  # noqa: E402  (the one timing harness)
 
 from argen.model.generate import generate  # noqa: E402
 from argen.model.gpt import GPT, gpt_config  # noqa: E402
-from tests.llamagen_reference import ModelArgs, Transformer  # noqa: E402
-from tests.llamagen_reference import generate as reference_generate  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
-    fn(8)  # warm-up on a few tokens (allocator, kernels)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(None)
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Best wall seconds of fn(None) (a whole image) after a warm-up fn(8) on a few tokens (allocator, kernels)."""
+    fn(8)
+    return timed_best(lambda: fn(None), repeats, "cpu")[0]
 
 
 @torch.no_grad()
@@ -70,17 +65,14 @@ def main() -> None:
     ours = GPT(cfg).eval()
     for p in ours.output.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    ref = Transformer(ModelArgs(dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
-                                block_size=cfg.block_size, num_classes=cfg.num_classes)).eval()
-    ref.load_state_dict(ours.state_dict())
     ours.to(dtype)
-    ref.to(dtype)
+    ref, ref_module = reference_model(ours)
     labels = torch.arange(args.labels) * 7 % cfg.num_classes
     n = cfg.block_size
     print(f"model {args.model} c2i, {args.labels} labels x CFG {args.cfg_scale} ({2 * args.labels} rows), {n} tokens, "
           f"vocab {cfg.vocab_size}, top-k 0, dtype {args.dtype}, torch threads {torch.get_num_threads()}")
 
-    t_ref = timed(lambda k: reference_generate(ref, labels, k or n, cfg_scale=args.cfg_scale, top_k=0), args.repeats)
+    t_ref = timed(lambda k: ref_module.generate(ref, labels, k or n, cfg_scale=args.cfg_scale, top_k=0), args.repeats)
     t_argen = timed(lambda k: generate(ours, labels, cfg_scale=args.cfg_scale, top_k=0, seed=0, num_tokens=k),
                     args.repeats)
     k = min(args.naive_tokens, n)

@@ -123,14 +123,14 @@ def run_vq_alone(vq_dir: str, n: int, image_size: int, grids: int, crops_per_for
     """Seconds for argen's VQ forwards alone over n images' crops (no decoding, no I/O): a ceiling on what any
     pipeline around this VQ, at this precision and thread count, can reach on this machine."""
     from argen import device as dev
-    from argen.tokenize_offline.job import encode_crops
+    from argen.tokenize_offline.job import auto_crops_per_forward, encode_crops
 
     dev.keep_freed_cpu_memory()
     vq = M.load(vq_dir).to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 256, (grids, image_size, image_size, 3), dtype=np.uint8) for _ in range(n)]
     dtype = torch.bfloat16 if vq_dtype == "bfloat16" else None
-    per_forward = crops_per_forward or 20
+    per_forward = crops_per_forward or auto_crops_per_forward(vq.config, image_size, 4, None)  # argen's CPU choice
     encode_crops(vq, crops[:2], per_forward, "cpu", dtype, True)  # warm-up
     t0 = time.perf_counter()
     encode_crops(vq, crops, per_forward, "cpu", dtype, True)
@@ -228,21 +228,19 @@ def main() -> None:
     print(f"VQ forwards alone (argen's batching, no decoding or I/O): {n / vq_alone:.3g} images/s, so no pipeline "
           f"around this VQ at {args.vq_dtype} and {args.threads} thread(s) exceeds x{best_ref / vq_alone:.2f} the "
           f"reference here")
-    worst_case_bytes()
+    worst_case_bytes(work / "worst-case")
 
 
-def worst_case_bytes() -> None:
+def worst_case_bytes(out: Path) -> None:
     """Bytes per sample when the codes are incompressible (uniform over a 16384 codebook: a trained VQ-16 on
     real photos is close to this); a random-init demo VQ uses few codes and flatters compression."""
-    import tempfile as tf
-
     rng = np.random.default_rng(0)
     print("\nincompressible codes (uniform over 16384), 20 grids + label per image, 1000 images:")
     for size, grid in ((256, 16), (384, 24)):
         ref = 2 * ((128 + 10 * grid * grid * 8) + (128 + 8))  # per crop range: (1,10,T) int64 .npy + (1,) label .npy
         row = [f"  {size} px ({grid}x{grid}): reference {ref} B/image"]
         for comp in ("zstd", "gzip", "none"):
-            with sf.ShardWriter(tf.mkdtemp(), 0, compression=comp) as w:
+            with sf.ShardWriter(str(out / f"{size}-{comp}"), 0, compression=comp) as w:
                 for i in range(1000):
                     w.write(sf.encode_sample(i, rng.integers(0, 16384, (20, grid * grid)), label=i % 1000))
                 info = w.commit()
