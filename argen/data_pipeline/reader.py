@@ -115,17 +115,20 @@ def _fast_members(buf: bytes) -> Iterator[tuple[str, memoryview]] | None:
     return iter(out)  # no end marker is fine: the sample count check of the caller decides
 
 
-_OCTAL = 8 ** np.arange(5, -1, -1)
+def _octal(fields: np.ndarray) -> np.ndarray | None:
+    """Fixed-width octal tar header fields, digit columns (..., k) uint8, as integers; None if any byte is not 0-7."""
+    digits = fields.astype(np.int64) - 48
+    if ((digits < 0) | (digits > 7)).any():
+        return None
+    return digits @ (8 ** np.arange(digits.shape[-1] - 1, -1, -1))
 
 
 def _verify_checksums(buf: bytes, heads: list[int]) -> None:
     arr = np.frombuffer(buf, dtype=np.uint8)
     hdrs = arr[np.asarray(heads)[:, None] + np.arange(_BLOCK)]   # (members, 512) uint8
     sums = _header_sums(hdrs)
-    digits = hdrs[:, 148:154].astype(np.int64) - 48
-    if ((digits >= 0) & (digits < 8)).all():              # the usual "%06o\0 " field, parsed in one go
-        stored = digits @ _OCTAL
-    else:
+    stored = _octal(hdrs[:, 148:154])                     # the usual "%06o\0 " field, parsed in one go
+    if stored is None:
         try:
             stored = np.asarray([int(bytes(h[148:156]).strip(b" \0") or b"-1", 8) for h in hdrs])
         except ValueError:
@@ -180,8 +183,8 @@ def _regular_c2i(buf: bytes, seg: Segment, dec: "_CodesDecoder") -> _Regular | N
     rows = np.frombuffer(buf, dtype=np.uint8, count=n // _BLOCK * _BLOCK).reshape(-1, _BLOCK)
     heads = np.arange(seg.hi)[:, None] * stride + np.array([p[1] for p in pattern])[None]     # (hi, members)
     hdr = rows[heads.reshape(-1) // _BLOCK]                                                     # (hi*members, 512)
-    digits = hdr[:, 148:154].astype(np.int64) - 48
-    if ((digits < 0) | (digits > 7)).any() or (digits @ _OCTAL != _header_sums(hdr)).any():
+    stored = _octal(hdr[:, 148:154])
+    if stored is None or (stored != _header_sums(hdr)).any():
         return None
     hdr = hdr.reshape(seg.hi, len(pattern), _BLOCK)
     if not np.isin(hdr[:, :, 156], (48, 0)).all():
@@ -192,10 +195,9 @@ def _regular_c2i(buf: bytes, seg: Segment, dec: "_CodesDecoder") -> _Regular | N
         return None                                               # one key per sample, no "." or NUL inside it
     if seg.hi > 1 and (keys[1:, 0] == keys[:-1, 0]).all(axis=1).any():
         return None                                               # neighbours with one key would merge
-    size_digits = hdr[:, :, 124:135].astype(np.int64) - 48
-    if ((size_digits < 0) | (size_digits > 7)).any():
+    sizes = _octal(hdr[:, :, 124:135])                                                        # (hi, members)
+    if sizes is None:
         return None
-    sizes = size_digits @ (8 ** np.arange(10, -1, -1))                                        # (hi, members)
     for j, (ext, _, size) in enumerate(pattern):
         tail = np.frombuffer(b"." + ext + b"\0", dtype=np.uint8)
         if not (hdr[:, j, klen:klen + len(tail)] == tail).all():
