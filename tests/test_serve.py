@@ -1,6 +1,7 @@
 """The sampling engine: same codes as argen.generate, mixed batches, continuous batching, cancellation, bad input."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -65,18 +66,17 @@ def test_mixed_batch_each_request_matches_generate(engine, c2i, static):
     """More images than slots, different parameters per request: every request still gets its own codes, so the
     uncond row of each image is its own whatever it is batched with. static: the accelerator layout (all slots,
     whole cache, every step)."""
-    if static:
-        engine = Engine(c2i, max_batch=6, length_bucket=0)
-    reqs = [Request([i % 10] * (1 + i % 3), seed=100 + i, **PARAMS[i % len(PARAMS)]) for i in range(9)]
-    futs = [engine.submit(r) for r in reqs]
-    results = [f.result(timeout=60) for f in futs]
-    for r, res in zip(reqs, results):
-        kw = {k: getattr(r, k) for k in ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "greedy",
-                                         "num_tokens")}
-        assert torch.equal(res.codes, argen.generate(c2i, torch.tensor(r.cond), seed=r.seed, **kw))
-    assert sum(res.codes.shape[0] for res in results) > engine.max_batch  # some waited for free slots
-    if static:
-        engine.close()
+    with contextlib.ExitStack() as own:  # closes the static engine even when an assertion fails
+        if static:
+            engine = own.enter_context(Engine(c2i, max_batch=6, length_bucket=0))
+        reqs = [Request([i % 10] * (1 + i % 3), seed=100 + i, **PARAMS[i % len(PARAMS)]) for i in range(9)]
+        futs = [engine.submit(r) for r in reqs]
+        results = [f.result(timeout=60) for f in futs]
+        for r, res in zip(reqs, results):
+            kw = {k: getattr(r, k) for k in ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "greedy",
+                                             "num_tokens")}
+            assert torch.equal(res.codes, argen.generate(c2i, torch.tensor(r.cond), seed=r.seed, **kw))
+        assert sum(res.codes.shape[0] for res in results) > engine.max_batch  # some waited for free slots
 
 
 def test_warmup(c2i):
