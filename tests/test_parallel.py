@@ -19,31 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.dist_utils import run_distributed
+from tests.train_utils import STEPS, kept_signal_handlers, stop_at, tiny_cfg
 
 pytestmark = [pytest.mark.dist]
-
-STEPS = 6
-
-
-def tiny_cfg(run_dir, model_type="c2i", **sections):
-    from argen.config import load_config
-    from argen.launcher.train_config import TrainConfig
-    data = {
-        "run_dir": str(run_dir),
-        "model": {"name": "GPT-tiny", "model_type": model_type, "n_layer": 2, "n_head": 4, "dim": 64,
-                  "vocab_size": 512, "num_classes": 10, "caption_dim": 32, "image_size": 64, "dropout": 0.0,
-                  "token_dropout": 0.0, "class_dropout": 0.0},
-        "data": {"source": "synthetic", "synthetic_samples": 64},
-        # eps 1e-6 instead of 1e-8: Adam divides by sqrt(v) + eps, so for weights whose gradient is still ~0 (the
-        # head starts at zero, so early FFN gradients are tiny) fp32 summation-order noise of 1e-7 would otherwise
-        # be amplified into visible update differences; the parallel maths is what is under test here
-        "optim": {"lr": 5e-3, "eps": 1e-6, "grad_clip": 1.0, "weight_decay": 0.05},
-        "train": {"global_batch": 8, "max_steps": STEPS, "precision": "fp32", "checkpoint_every": 0},
-        "log": {"every": 1, "wandb": "off"},
-    }
-    for sec, vals in sections.items():
-        data.setdefault(sec, {}).update(vals)
-    return load_config(TrainConfig, data=data)
 
 
 def _export(run_dir, step=STEPS):
@@ -80,14 +58,6 @@ def _run(name, out_dir, cfg, results, on_step=None):
     results[name] = res["losses"]
 
 
-def _stop_at(step):
-    def hook(s, _out):
-        if s == step:
-            from argen.launcher import preemption
-            preemption.request("test")
-    return hook
-
-
 def _worker_w2(rank, out):
     out = Path(out)
     results: dict = {}
@@ -98,7 +68,7 @@ def _worker_w2(rank, out):
     _run("pp2", out, tiny_cfg(out / "pp2", parallel={"pp": 2}, train={"micro_batch": 2}), results)
     _run("pp2_t2i", out, tiny_cfg(out / "pp2_t2i", "t2i", parallel={"pp": 2}, train={"micro_batch": 4}), results)
     # exact resume: stop at 3 (preemption request), then resume=auto in the same run dir
-    _run("stopped", out, tiny_cfg(out / "resume", parallel={"zero": 1}), results, on_step=_stop_at(3))
+    _run("stopped", out, tiny_cfg(out / "resume", parallel={"zero": 1}), results, on_step=stop_at(3))
     _run("resumed", out, tiny_cfg(out / "resume", parallel={"zero": 1}), results)
     # resume the DP=2 ZeRO-1 checkpoint of step 3 under TP=2 (consolidate, re-shard)
     ck = str(out / "resume" / "checkpoints" / "step-00000003")
@@ -124,18 +94,15 @@ def _worker_w4(rank, out, ck):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Single-process runs (plain PyTorch path) of the c2i and t2i test models."""
-    import signal
     from argen.launcher.train_gpt import train
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     root = tmp_path_factory.mktemp("ref")
     out = {}
-    for mt in ("c2i", "t2i"):
-        # t2i: the valid-weighted loss is a per-micro-batch mean (as the reference's per-rank mean), so the t2i
-        # reference uses the same micro-batch split as the pipeline run it is compared with
-        cfg = tiny_cfg(root / mt, mt, train={"micro_batch": 4} if mt == "t2i" else {})
-        out[mt] = (train(cfg)["losses"], _export(root / mt))
-    for s, h in saved.items():  # train() installed the preemption handlers; give pytest its own back
-        signal.signal(s, h)
+    with kept_signal_handlers():
+        for mt in ("c2i", "t2i"):
+            # t2i: the valid-weighted loss is a per-micro-batch mean (as the reference's per-rank mean), so the t2i
+            # reference uses the same micro-batch split as the pipeline run it is compared with
+            cfg = tiny_cfg(root / mt, mt, train={"micro_batch": 4} if mt == "t2i" else {})
+            out[mt] = (train(cfg)["losses"], _export(root / mt))
     return out
 
 

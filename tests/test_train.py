@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_parallel import _stop_at, tiny_cfg
+from tests.train_utils import kept_signal_handlers, stop_at, tiny_cfg
 
 
 @pytest.fixture(autouse=True)
 def _keep_signal_handlers():
-    """train() installs the preemption handlers (USR1/TERM set a flag); put pytest's own back afterwards."""
-    import signal
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
+    with kept_signal_handlers():
+        yield
 
 
 def _train(cfg, on_step=None):
@@ -34,7 +30,7 @@ def test_exact_resume_logs_and_exports(tmp_path):
     import argen.model
     full = _train(tiny_cfg(tmp_path / "full", train={"checkpoint_every": 2, "keep_checkpoints": 2},
                                  log={"wandb": "offline"}))
-    stopped = _train(tiny_cfg(tmp_path / "run"), on_step=_stop_at(4))
+    stopped = _train(tiny_cfg(tmp_path / "run"), on_step=stop_at(4))
     assert stopped["stopped"] and stopped["losses"] == full["losses"][:4]
     resumed = _train(tiny_cfg(tmp_path / "run"))
     assert resumed["losses"] == full["losses"][4:], "losses after resume differ from the uninterrupted run"
@@ -108,7 +104,7 @@ def test_tiny_model_learns_from_s3(tmp_path, s3_bucket):
     _write_shards(f"{s3_bucket}/codes", "c2i")
     cfg = tiny_cfg(tmp_path / "run", data={"url": f"{s3_bucket}/codes", "options": {"num_workers": 0}},
                    train={"max_steps": 30, "checkpoint_every": 15}, optim={"lr": 1e-2, "eps": 1e-8})
-    res = _train(cfg, on_step=_stop_at(15))
+    res = _train(cfg, on_step=stop_at(15))
     res2 = _train(cfg)  # resume mid-stream: the loader continues from its saved position
     _assert_learns(res["losses"] + res2["losses"])
     full = _train(tiny_cfg(tmp_path / "full", data={"url": f"{s3_bucket}/codes", "options": {"num_workers": 0}},
@@ -139,7 +135,7 @@ def test_finetune_at_new_resolution_ema_bf16(tmp_path):
     # the EMA survives a preemption: stop at 2, resume, same EMA export as the uninterrupted run
     cfg3 = tiny_cfg(tmp_path / "s3", model={"image_size": 128, "init_from": str(export)},
                     train={"max_steps": 3, "precision": "bf16"}, optim={"ema": True, "ema_decay": 0.5})
-    _train(cfg3, on_step=_stop_at(2))
+    _train(cfg3, on_step=stop_at(2))
     assert _train(cfg3)["losses"] == res["losses"][2:]
     c = load_file(str(tmp_path / "s3" / "exports" / "step-00000003-ema" / "model.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
