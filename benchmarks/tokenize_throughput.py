@@ -161,7 +161,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternate baseline/argen this many times; best of each")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    # The parent stays single-threaded: a forked child of a process whose OpenMP pool has started (any op run with
+    # more than one thread) hangs in its first parallel region. The children set --threads themselves.
+    torch.set_num_threads(1)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="argen-tok-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -192,8 +194,8 @@ def main() -> None:
     vq_alone = min(in_fresh_process(run_vq_alone, vq_dir, n, args.image_size, 10 * len(args.crop_ranges),
                                     args.crops_per_forward, args.vq_dtype, threads=args.threads)
                    for _ in range(args.repeats))
-    _, _, m_plain = run_argen(work / "train", vq_dir, args.image_size, args.crop_ranges, work / "argen-plain",
-                           args.workers, args.threads, args.crops_per_forward, "none")
+    in_fresh_process(run_argen, work / "train", vq_dir, args.image_size, args.crop_ranges, work / "argen-plain",
+                     args.workers, args.threads, args.crops_per_forward, "none", threads=args.threads)
 
     # same work: argen's 20 rows are the reference's two runs side by side. Codes agree up to near-ties of the
     # argmin, which batch-size-dependent float rounding in the conv kernels can flip (bs 10 vs bs N).
