@@ -119,9 +119,14 @@ def run_argen(root: Path, vq_dir: str, image_size: int, ranges, out: Path, worke
     return time.perf_counter() - t0, cpu_seconds() - c0, m
 
 
-def run_vq_alone(vq_dir: str, n: int, image_size: int, grids: int, crops_per_forward: int, vq_dtype: str) -> float:
-    """Seconds for argen's VQ forwards alone over n images' crops (no decoding, no I/O): a ceiling on what any
-    pipeline around this VQ, at this precision and thread count, can reach on this machine."""
+def run_vq_alone(vq_dir: str, n: int, image_size: int, grids: int, crops_per_forward: int,
+                 vq_dtype: str) -> tuple[float, float, float, float]:
+    """argen's VQ forwards alone over n images' crops (no decoding, no I/O): a ceiling on what any pipeline around
+    this VQ, at this precision and thread count, can reach on this machine. Returns (seconds, FLOPs per crop, the
+    convolutions' share of them, the FLOP/s of a large convolution at this thread count): how close the encoder
+    runs to this machine's own convolution rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from argen import device as dev
     from argen.tokenize_offline.job import auto_crops_per_forward, encode_crops
 
@@ -134,7 +139,26 @@ def run_vq_alone(vq_dir: str, n: int, image_size: int, grids: int, crops_per_for
     encode_crops(vq, crops[:2], per_forward, "cpu", dtype, True)  # warm-up
     t0 = time.perf_counter()
     encode_crops(vq, crops, per_forward, "cpu", dtype, True)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        vq.encode(torch.zeros(1, 3, image_size, image_size))
+    peak_rate = conv_rate(dtype or torch.float32)
+    conv_share = counter.get_flop_counts()["Global"][torch.ops.aten.convolution] / counter.get_total_flops()
+    return seconds, counter.get_total_flops(), conv_share, peak_rate
+
+
+def conv_rate(dtype: torch.dtype) -> float:
+    """FLOP/s of one large 3x3 convolution (256 channels, 32x32, batch 8, channels-last): the rate this machine's
+    convolution kernels reach when the shapes are kind to them. (Not a matmul: torch's CPU matmul goes through MKL,
+    which on AMD cores runs at half of what oneDNN's convolutions reach.)"""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(8, 256, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv(x)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            conv(x)
+        return 5 * 2 * 8 * 32 * 32 * 256 * 256 * 9 / (time.perf_counter() - t0)
 
 
 def tree_stats(path: Path) -> tuple[int, int, int]:
@@ -191,9 +215,10 @@ def main() -> None:
                                    args.workers, args.threads, args.crops_per_forward, "zstd", args.vq_dtype,
                                    threads=args.threads)
         best_argen, cpu_argen = min(best_argen, t), min(cpu_argen, c)
-    vq_alone = min(in_fresh_process(run_vq_alone, vq_dir, n, args.image_size, 10 * len(args.crop_ranges),
-                                    args.crops_per_forward, args.vq_dtype, threads=args.threads)
-                   for _ in range(args.repeats))
+    vq_alone, flops_per_crop, conv_share, peak_rate = min(
+        in_fresh_process(run_vq_alone, vq_dir, n, args.image_size, 10 * len(args.crop_ranges),
+                         args.crops_per_forward, args.vq_dtype, threads=args.threads)
+        for _ in range(args.repeats))
     in_fresh_process(run_argen, work / "train", vq_dir, args.image_size, args.crop_ranges, work / "argen-plain",
                      args.workers, args.threads, args.crops_per_forward, "none", threads=args.threads)
 
@@ -230,6 +255,10 @@ def main() -> None:
     print(f"VQ forwards alone (argen's batching, no decoding or I/O): {n / vq_alone:.3g} images/s, so no pipeline "
           f"around this VQ at {args.vq_dtype} and {args.threads} thread(s) exceeds x{best_ref / vq_alone:.2f} the "
           f"reference here")
+    encoder_rate = n * 10 * len(args.crop_ranges) * flops_per_crop / vq_alone
+    print(f"  those forwards do {flops_per_crop / 1e9:.3g} GFLOP per crop ({conv_share:.0%} convolutions) at "
+          f"{encoder_rate / 1e9:.0f} GFLOP/s, {encoder_rate / peak_rate:.0%} of one large {args.vq_dtype} 3x3 "
+          f"convolution here ({peak_rate / 1e9:.0f} GFLOP/s)")
     worst_case_bytes(work / "worst-case")
 
 

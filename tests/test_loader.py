@@ -206,6 +206,23 @@ def test_resume_on_other_world_size_keeps_epoch_share(dataset, caplog):
     b.close()
 
 
+def test_resume_from_older_state_version_warns_and_keeps_position(dataset, caplog):
+    a = build_loader(cfg_for(dataset, num_workers=0), 0, 1, 4)
+    take(a, 2)
+    state = a.state_dict()
+    a.close()
+    b = build_loader(cfg_for(dataset, num_workers=0), 0, 1, 4)
+    with caplog.at_level("WARNING", logger="argen.data"):
+        b.load_state_dict(state)
+    assert "not exact" not in caplog.text
+    state["version"] = 1                                # written before blocks were cut at shard boundaries
+    with caplog.at_level("WARNING", logger="argen.data"):
+        b.load_state_dict(state)
+    assert "block layout (state version 1" in caplog.text
+    assert b.position == 8
+    b.close()
+
+
 @pytest.mark.timeout(60)
 def test_mixture_ratios_and_determinism(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

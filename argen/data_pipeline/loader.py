@@ -65,7 +65,9 @@ from argen.errors import ArgenError
 
 log = logging.getLogger("argen.data")
 
-STATE_VERSION = 1
+# 2: blocks are cut at shard boundaries. A version-1 position still counts samples of the same epoch plan, but the
+# samples behind it differ, so such a resume continues at the same share of the epoch and says it is not exact.
+STATE_VERSION = 2
 
 
 @dataclass
@@ -505,6 +507,9 @@ class ShardLoader:
                                     ("shuffle_buffer", self.cfg.shuffle_buffer), ("drop_last", self.cfg.drop_last),
                                     ("weights", list(self.weights)))
                    if state[k] != now]
+        if state.get("version", 0) < STATE_VERSION:
+            inexact.append(f"the block layout (state version {state.get('version', 0)}, this argen writes "
+                           f"{STATE_VERSION})")
         position, consumed = int(state["position"]), [int(c) for c in state["consumed"]]
         if state["world_size"] != self.world_size:
             inexact.append("world_size")
@@ -513,7 +518,7 @@ class ShardLoader:
             consumed = [c * old_w // self.world_size for c in consumed]
         if inexact:
             log.warning("data loader resume is not exact: %s changed since the checkpoint; continuing at the same "
-                        "share of the epoch", ", ".join(f"data.{k}" for k in inexact))
+                        "share of the epoch", ", ".join(k if " " in k else f"data.{k}" for k in inexact))
         self.close()
         self.position, self.consumed = position, consumed
         self._current = [None] * len(self.sources)
