@@ -3,7 +3,7 @@
 One spawned 2-process group runs, in sequence: ZeRO-1/2/3 at DP=2 (ZeRO-2 with gradient accumulation), TP=2,
 PP=2 (c2i and t2i, whose caption mask travels between stages), an exact resume (stop at step 3 on a preemption
 request, resume from the checkpoint) and a resume under a different layout (DP=2 ZeRO-1 -> TP=2). One 4-process
-group runs TP=2 x PP=2, PP=2 x DP=2 with ZeRO-1 and accumulation, and a resume of the DP=2 checkpoint under
+group runs TP=2 x PP=2 (with EMA weights), PP=2 x DP=2 with ZeRO-1 and accumulation, and a resume of the DP=2 checkpoint under
 TP=2 x PP=2. Every run goes through the real
 `train()` loop (launch detection, parallelize, checkpoint, export); the parent compares losses and the exported
 consolidated weights with a single-process run of the same model and data.
@@ -24,8 +24,11 @@ from tests.train_utils import STEPS, kept_signal_handlers, stop_at, tiny_cfg
 pytestmark = [pytest.mark.dist]
 
 
-def _export(run_dir, step=STEPS):
-    return load_file(str(Path(run_dir) / "exports" / f"step-{step:08d}" / "model.safetensors"))
+EMA_ON = {"ema": True, "ema_decay": 0.5}
+
+
+def _export(run_dir, step=STEPS, suffix=""):
+    return load_file(str(Path(run_dir) / "exports" / f"step-{step:08d}{suffix}" / "model.safetensors"))
 
 
 def _rel(a, b) -> float:
@@ -80,7 +83,8 @@ def _worker_w2(rank, out):
 def _worker_w4(rank, out, ck):
     out = Path(out)
     results: dict = {}
-    _run("tp2pp2", out, tiny_cfg(out / "tp2pp2", parallel={"tp": 2, "pp": 2}, train={"micro_batch": 4}), results)
+    _run("tp2pp2", out, tiny_cfg(out / "tp2pp2", parallel={"tp": 2, "pp": 2}, train={"micro_batch": 4}, optim=EMA_ON),
+         results)
     _run("pp2dp2_zero1", out, tiny_cfg(out / "pp2dp2", parallel={"pp": 2, "zero": 1}, train={"micro_batch": 2}),
          results)
     _run("relayout_tp2pp2", out, tiny_cfg(out / "relayout_tp2pp2", parallel={"tp": 2, "pp": 2},
@@ -101,8 +105,10 @@ def reference(tmp_path_factory):
         for mt in ("c2i", "t2i"):
             # t2i: the valid-weighted loss is a per-micro-batch mean (as the reference's per-rank mean), so the t2i
             # reference uses the same micro-batch split as the pipeline run it is compared with
-            cfg = tiny_cfg(root / mt, mt, train={"micro_batch": 4} if mt == "t2i" else {})
+            cfg = tiny_cfg(root / mt, mt, train={"micro_batch": 4} if mt == "t2i" else {},
+                           optim=EMA_ON if mt == "c2i" else {})
             out[mt] = (train(cfg)["losses"], _export(root / mt))
+    out["c2i_ema"] = _export(root / "c2i", suffix="-ema")
     return out
 
 
@@ -152,6 +158,8 @@ def test_four_process_tp_pp_and_reshard(w2, reference, tmp_path_factory):
     res = json.loads((out / "results-w4.json").read_text())
     ref_losses, ref_w = reference["c2i"]
     assert_same_run(res["tp2pp2"], ref_losses, _export(out / "tp2pp2"), ref_w)
+    # the EMA export is assembled from every (stage, TP rank)'s EMA file in the checkpoint
+    assert_same_run([], [], _export(out / "tp2pp2", suffix="-ema"), reference["c2i_ema"])
     assert_same_run(res["pp2dp2_zero1"], ref_losses, _export(out / "pp2dp2"), ref_w)
     assert_same_run(res["relayout_tp2pp2"], ref_losses[3:], _export(out / "relayout_tp2pp2"), ref_w)
 

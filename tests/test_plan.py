@@ -100,7 +100,6 @@ def test_tensor_and_pipeline_division():
     assert P.estimate(cfg, lay, s).total == max(e.total for e in stages)
 
 
-
 def test_plan_checks_the_layout_like_train():
     """The FFN and vocabulary rules of `argen train` hold in `argen plan` too: an odd vocabulary allows no TP."""
     cfg = P.model_config("GPT-B", vocab_size=16385)
@@ -109,6 +108,7 @@ def test_plan_checks_the_layout_like_train():
     P.check_layout(cfg, P.Layout(tp=1, dp=8), gpus=8)
     sugg = P.suggest(cfg, gpus=8)
     assert sugg and all(sg.layout.tp not in (2, 4) for sg in sugg)
+
 
 def test_suggestions_for_gpt3b_on_64x80gb_all_fit_and_prefer_little_model_parallelism():
     cfg = gpt_config("GPT-3B")

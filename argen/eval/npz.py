@@ -22,6 +22,7 @@ def sidecar_path(samples: str | Path) -> Path:
     p = Path(samples)
     return p.with_name(p.name[:-4] + ".json" if p.name.endswith(".npz") else p.name + ".json")
 
+
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 

@@ -8,7 +8,7 @@
           layout.json                         {tp, pp, dp, zero, precision, engine, world_size, global_batch}
           trainer.json                        step, samples seen, LR-scheduler state, global data position
           rank-00000.pt ...                   per rank: RNG states and the data-loader state
-          ema-pp00-tp00.pt ...                EMA shadow of each (pipeline stage, TP rank), when optim.ema is on
+          ema-pp00-tp00.safetensors ...       EMA shadow of each (pipeline stage, TP rank), when optim.ema is on
                                               (written once, by data-parallel rank 0: the replicas hold the same)
           universal/params-pp00-tp00.safetensors ...
                                               fp32 master weights + AdamW moments (exp_avg, exp_avg_sq) of each
@@ -75,7 +75,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     p = Path(resume)
     if p.is_dir() and is_complete(p):
         return p
-    newest = latest(p) if p.is_dir() else None
+    newest = latest(p)
     if newest is not None:
         return newest
     raise ArgenError(f"train.resume: {resume} is not a complete argen checkpoint directory")
@@ -135,7 +135,7 @@ def writes_universal(par, requested: bool) -> bool:
 
 
 def ema_path(ckpt: Path, par) -> Path:
-    return ckpt / "argen" / f"ema-pp{par.pp_rank:02d}-tp{par.tp_rank:02d}.pt"
+    return ckpt / "argen" / f"ema-pp{par.pp_rank:02d}-tp{par.tp_rank:02d}.safetensors"
 
 
 def save(run_dir: Path, step: int, par, trainer_state: dict, rank_state: dict, layout_info: dict,
@@ -163,7 +163,7 @@ def save(run_dir: Path, step: int, par, trainer_state: dict, rank_state: dict, l
                   str(ckpt / "argen" / "universal" / f"params-pp{par.pp_rank:02d}-tp{par.tp_rank:02d}.safetensors"))
     torch.save(rank_state, ckpt / "argen" / f"rank-{rank:05d}.pt")
     if ema_shadow is not None and par.dp_rank == 0:
-        torch.save({k: v.cpu() for k, v in ema_shadow.items()}, ema_path(ckpt, par))
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema_shadow.items()}, str(ema_path(ckpt, par)))
     _barrier()
     if rank == 0:
         (ckpt / "argen" / "layout.json").write_text(json.dumps(layout_info, indent=2))

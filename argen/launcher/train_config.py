@@ -5,8 +5,8 @@ A recipe is a YAML file with the sections below plus dotted overrides on the com
     argen train configs/gpt-b.yaml parallel.tp=2 train.max_steps=1000 run_dir=runs/b
 
 Defaults follow the LlamaGen reference recipe (`autoregressive/train/train_c2i.py`): AdamW betas (0.9, 0.95),
-weight decay 0.05 on every parameter with two or more dimensions (matrices and embedding tables; none on the 1-D RMSNorm weights), lr 1e-4
-constant, grad clip 1.0, bf16 mixed precision, global batch 256, dropout 0.1 on tokens/residual/FFN and class dropout
+weight decay 0.05 on every parameter with two or more dimensions (matrices and embedding tables; none on the 1-D
+RMSNorm weights), lr 1e-4 constant, grad clip 1.0, bf16 mixed precision, global batch 256, dropout 0.1 on tokens/residual/FFN and class dropout
 0.1. Impossible combinations fail at load with a ConfigError that names the key.
 """
 from __future__ import annotations

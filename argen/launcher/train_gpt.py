@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from argen import device as dev
 from argen.config import save_config, to_dict
@@ -122,7 +123,6 @@ class ShardBatches:
         self.inner.load_state_dict(state)
         self.it = iter(self.inner)
 
-
     def close(self) -> None:
         self.inner.close()
 
@@ -189,7 +189,6 @@ def load_init_weights(model: GPT, path: str) -> None:
     """Fine-tuning start: weights from an export dir or a checkpoint (strict names and shapes)."""
     p = Path(path)
     if (p / "model.safetensors").is_file():
-        from safetensors.torch import load_file
         params = load_file(str(p / "model.safetensors"))
     else:
         c = ckpt_io.resolve_resume(str(p), p)
@@ -259,7 +258,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     loader = make_loader(cfg, gcfg, coords["dp"], layout.dp, micro)
 
     # restore
-    step = 0
+    step, ema_note = 0, ""
     ema = EMA(par.local_named_params(), cfg.optim.ema_decay) if cfg.optim.ema else None
     if resume is not None:
         step = int(trainer_state["step"])
@@ -276,7 +275,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             dev.set_rng_state(rs["rng"])
             loader.load_state_dict(rs["data"])
             if ema is not None and ckpt_io.ema_path(resume, par).is_file():
-                ema.shadow = {k: v.to(device) for k, v in torch.load(ckpt_io.ema_path(resume, par)).items()}
+                ema.shadow = load_file(str(ckpt_io.ema_path(resume, par)), device=str(device))
+            elif ema is not None:
+                ema_note = "; the checkpoint holds no EMA weights, so the EMA restarts from the resumed weights"
         else:  # another layout: data position from the global state, fresh RNG streams, EMA from the weights
             loader.load_state_dict(trainer_state["data"])
             _seed_rank(cfg.train.seed, coords["dp"], step)
@@ -290,7 +291,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                 f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={layout.zero} "
                 f"engine={'deepspeed' if use_ds else 'torch'} micro={micro} accum={accum} "
                 f"precision={cfg.train.precision} device={device.type} git={logger.revision[:12]}"
-                + (f"; resumed from {resume} at step {step}" if resume else ""))
+                + (f"; resumed from {resume} at step {step}{ema_note}" if resume else ""))
     flops_tok = flops_per_token(gcfg)
     peak = dev.peak_flops(device)
     tokens_per_step = cfg.train.global_batch * gcfg.block_size
@@ -350,10 +351,11 @@ def save_checkpoint(cfg: TrainConfig, par, step: int, loader, layout_info: dict,
     path = ckpt_io.save(run_dir, step, par, trainer_state, rank_state, layout_info, keep=cfg.train.keep_checkpoints,
                         universal=cfg.train.universal_checkpoint, ema_shadow=ema.shadow if ema is not None else None)
     export_every = cfg.train.export_every or cfg.train.checkpoint_every
-    if is_main and ckpt_io.writes_universal(par, cfg.train.universal_checkpoint) and (not export_every or step % export_every == 0 or step == cfg.train.max_steps):
+    due = not export_every or step % export_every == 0 or step == cfg.train.max_steps
+    if is_main and ckpt_io.writes_universal(par, cfg.train.universal_checkpoint) and due:
         export(cfg, path, step, revision=revision)
-    if ema is not None:
-        _export_ema(cfg, par, ema, step)
+    if is_main and ema is not None:
+        export_ema(cfg, par, path, step)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -372,35 +374,23 @@ def export(cfg: TrainConfig, ckpt: Path, step: int, revision: str) -> Path:
                                               "samples_seen": step * cfg.train.global_batch})
 
 
-def _export_ema(cfg: TrainConfig, par, ema: EMA, step: int) -> None:
-    """EMA weights as a second export (…/step-XXXXXXXX-ema); gathered over TP/PP shards through rank files."""
-    from safetensors.torch import load_file, save_file
+def export_ema(cfg: TrainConfig, par, ckpt: Path, step: int) -> Path:
+    """EMA weights as a second export (…/step-XXXXXXXX-ema), assembled from the checkpoint's per-(stage, TP rank)
+    EMA files (written by ckpt_io.save; TP shards joined here)."""
     import argen.model as argen_model
     from argen.parallel.tensor_parallel import unshard
-    tmp = Path(cfg.run_dir) / "exports" / f".ema-{step:08d}"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        tmp.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    if par.dp_rank == 0:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / f"pp{par.pp_rank:02d}-tp{par.tp_rank:02d}.safetensors"))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        parts: dict[str, dict[int, torch.Tensor]] = {}
-        for f in sorted(tmp.glob("*.safetensors")):
-            t = int(f.stem.split("-tp")[1])
-            for k, v in load_file(str(f)).items():
-                parts.setdefault(k, {})[t] = v
-        full = {k: unshard(k, [d[i] for i in sorted(d)]) for k, d in parts.items()}
-        model = GPT(cfg.model.gpt_config())
-        full.update({k: v for k, v in par.model.state_dict().items() if "uncond_embedding" in k})  # buffers
-        ckpt_io.load_weights_into(model, full, "ema")
-        argen_model.save(model, Path(cfg.run_dir) / "exports" / f"{ckpt_io.tag_for(step)}-ema",
-                         meta={"step": step, "ema_decay": cfg.optim.ema_decay})
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for f in sorted((ckpt / "argen").glob("ema-pp*-tp*.safetensors")):
+        t = int(f.stem.split("-tp")[1])
+        for k, v in load_file(str(f)).items():
+            parts.setdefault(k, {})[t] = v
+    full = {k: unshard(k, [d[i] for i in sorted(d)]) for k, d in parts.items()}
+    full.update({k: v for k, v in par.model.state_dict().items() if "uncond_embedding" in k})  # buffers
+    model = GPT(cfg.model.gpt_config())
+    ckpt_io.load_weights_into(model, full, "ema")
+    return argen_model.save(model, Path(cfg.run_dir) / "exports" / f"{ckpt_io.tag_for(step)}-ema",
+                            meta={"step": step, "ema_decay": cfg.optim.ema_decay})
 
 
 def run(cfg: TrainConfig) -> int:

@@ -198,12 +198,7 @@ class Parallelized:
 
 
 def _local_named_params(module: nn.Module, param_names: dict[int, str]) -> list[tuple[str, nn.Parameter]]:
-    seen, out = set(), []
-    for p in module.parameters():
-        if id(p) in param_names and id(p) not in seen:
-            seen.add(id(p))
-            out.append((param_names[id(p)], p))
-    return out
+    return [(param_names[id(p)], p) for p in module.parameters() if id(p) in param_names]
 
 
 def _pipe_loss(tp: int):
