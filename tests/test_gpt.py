@@ -240,7 +240,8 @@ def reference_pair(model_type):
     return ref, kw
 
 
-@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod.", "model._orig_mod.",
+                                    "_orig_mod.module."])
 def test_reader_strips_wrapper_key_prefixes(tmp_path, prefix):
     from argen.model.convert_llamagen import read_llamagen_state
     sd = reference_pair("c2i")[0].state_dict()

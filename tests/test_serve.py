@@ -124,6 +124,15 @@ def test_unseeded_requests_sample_from_the_filtered_set(engine, c2i):
     assert not torch.equal(a, b)
 
 
+def test_whole_float_top_k_is_an_integer(engine, c2i):
+    """top_k=5.0 passes validation; it must sample as top_k=5, not kill the worker (and with it the engine)."""
+    labels = torch.tensor([3])
+    got = engine.generate(Request(labels, cfg_scale=2.0, top_k=5.0, seed=1))[0]
+    assert torch.equal(got, argen.generate(c2i, labels, cfg_scale=2.0, top_k=5, seed=1))
+    assert torch.equal(engine.generate(Request(labels, top_k=5, seed=1))[0],
+                       argen.generate(c2i, labels, top_k=5, seed=1))
+
+
 def test_cancelled_request_frees_its_slots(c2i):
     model = tiny_gpt("c2i", image_size=256)  # 256 tokens
     with Engine(model, max_batch=2) as eng:

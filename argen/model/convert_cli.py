@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="argen convert", description=(
         "Convert a released LlamaGen checkpoint into an argen model directory (config.json + model.safetensors) "

@@ -47,9 +47,8 @@ def read_llamagen_state(src: str | Path, keys: tuple[str, ...] = ("model", "modu
         state, where = obj, "<raw state dict>"
     out = {}
     for key, value in state.items():
-        for p in _WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key = key[len(p):]
+        while (p := next((p for p in _WRAPPER_PREFIXES if key.startswith(p)), None)) is not None:
+            key = key[len(p):]  # wrappers nest in any order: DDP around compile, compile around a wrapper module
         if ".kv_cache." in key or key.endswith(_DROP_SUFFIXES):
             continue
         out[key] = value

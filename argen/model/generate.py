@@ -1,7 +1,8 @@
 """KV-cached sampling for the GPT: `argen.generate(model, cond, ...) -> codes (B, N)`.
 
-Order per step, as the reference (§3.1): CFG -> temperature -> top-k -> top-p -> draw (argen.model.sampling, shared
-with the serving engine: CFG on the hidden state before the linear head, inverse-CDF draw over the candidates).
+Order per step, as LlamaGen's autoregressive/models/generate.py: CFG -> temperature -> top-k -> top-p -> draw
+(argen.model.sampling, shared with the serving engine: CFG on the hidden state before the linear head, inverse-CDF
+draw over the candidates).
 The conditional and unconditional rows run as one batch [cond; uncond], so row i and row B+i always belong to the
 same request. Caches are allocated once per call at the exact length needed; decode steps attend over the filled
 prefix of the cache only, so no (B, S, S) mask is built (c2i) and only a key mask for padded captions (t2i).

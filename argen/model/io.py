@@ -118,10 +118,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise ArgenError(f"missing weights file: {weights}")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ArgenError(f"cannot read {weights}: {e}") from None
+    state = read_state_file(weights)
     load_state_strict(model, state, str(weights))
     model.to(device=device)
     if dtype is not None:

@@ -28,7 +28,7 @@ def candidates(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     Temperature (clamped at 1e-5), then top-k, then HF-style top-p: a candidate is kept while the mass before it is
     at most top_p, so the first one past p and the top-1 are always kept."""
     V = logits.shape[-1]
-    k = min(top_k, V) if top_k > 0 else V
+    k = min(int(top_k), V) if top_k > 0 else V  # torch.topk takes an int; a whole float (5.0) is valid input
     index = None
     if k < V:
         logits, index = torch.topk(logits, k, dim=-1, sorted=top_p < 1.0)  # order is needed only for top-p
