@@ -94,12 +94,16 @@ def test_uint16_only_and_range_checks():
         sf.decode_sample(members, expect_shape=(2, 2))
 
 
-def test_aborted_shard_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with sf.ShardWriter(str(tmp_path), 0, tmp_dir=str(tmp_path)) as w:
-            w.write(sf.encode_sample(0, np.zeros((1, 4), np.int64), label=1))
-            raise RuntimeError("killed")
-    assert os.listdir(tmp_path) == []
+def test_aborted_shard_leaves_nothing(tmp_path, monkeypatch):
+    packed = []
+    monkeypatch.setattr(sf.ShardWriter, "_zstd_in_place", lambda self: packed.append(self.name))
+    for compression in ("gzip", "zstd"):
+        with pytest.raises(RuntimeError):
+            with sf.ShardWriter(str(tmp_path), 0, tmp_dir=str(tmp_path), compression=compression) as w:
+                w.write(sf.encode_sample(0, np.zeros((1, 4), np.int64), label=1))
+                raise RuntimeError("killed")
+        assert os.listdir(tmp_path) == []
+    assert packed == []                                       # a shard thrown away is not compressed first
     with sf.ShardWriter(str(tmp_path), 0) as w:
         w.write(sf.encode_sample(0, np.zeros((1, 4), np.int64)))
         with pytest.raises(ValueError, match="duplicate"):
@@ -177,6 +181,18 @@ def test_s3_fixture_fails_in_ci_and_skips_elsewhere(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="no S3 server"):
         s3_fixture._unavailable("nothing answers")
     assert not s3_fixture.answers("http://127.0.0.1:9", timeout=0.5)
+
+
+def test_decompress_streamed_and_multi_frame_zstd():
+    """Frames without a recorded size (`tar c | zstd`) and files of several frames, as gzip's several members."""
+    import zstandard
+    a, b = os.urandom(1000), bytes(range(256)) * 40
+    streamed = zstandard.ZstdCompressor().compressobj()
+    one = streamed.compress(a + b) + streamed.flush()
+    assert zstandard.frame_content_size(one) == -1
+    assert sf.decompress(one) == a + b
+    two = zstandard.ZstdCompressor().compress(a) + zstandard.ZstdCompressor().compress(b)
+    assert sf.decompress(two) == a + b
 
 
 def test_corrupt_zstd_shard_is_a_format_error(tmp_path):

@@ -65,8 +65,9 @@ from argen.errors import ArgenError
 
 log = logging.getLogger("argen.data")
 
-# 2: blocks are cut at shard boundaries. A version-1 position still counts samples of the same epoch plan, but the
-# samples behind it differ, so such a resume continues at the same share of the epoch and says it is not exact.
+# 2: written since blocks are cut at shard boundaries. A version-1 state may come from before that change, when the
+# same position named other samples, and cannot be told apart from a later one: resuming it continues at the same
+# share of the epoch and says the resume may not be exact.
 STATE_VERSION = 2
 
 

@@ -153,10 +153,11 @@ class _Regular:
 
 def _regular_c2i(buf: bytes, seg: Segment, dec: "_CodesDecoder") -> _Regular | None:
     """The layout ShardWriter writes for c2i, located arithmetically: when every sample has the members of sample 0
-    with the same padded sizes, sample i's headers sit at i * stride + fixed offsets. All headers of samples
-    [0, hi) are then verified at once (checksum, type, name, one key per sample and a new key per sample, size,
-    the codes' .npy header, the label's digits). Any mismatch returns None and the member walker reads the shard,
-    with its own errors for what is wrong; a match gives the walker's result at numpy speed."""
+    with the same padded sizes, sample i's headers sit at i * stride + fixed offsets. The headers of samples [0, hi)
+    are then verified at once (checksum, type, name, one key per sample and a new key per sample, padded size),
+    and for the segment's own samples [lo, hi) also the codes' .npy header, exact size and the label's digits. Any
+    mismatch returns None and the member walker reads the shard, with its own errors for what is wrong; a match
+    gives the walker's samples at numpy speed (headers past hi, which the walker would also check, are not read)."""
     n = len(buf)
     pattern: list[tuple[bytes, int, int]] = []   # sample 0: (extension, offset, size) per member
     off, key0 = 0, None

@@ -103,7 +103,13 @@ def decompress(data: bytes) -> bytes:
     if data[:2] == b"\x1f\x8b":
         return gzip.decompress(data)
     if data[:4] == _ZSTD_MAGIC:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 34)
+        if zstandard.frame_content_size(data) >= 0:  # ShardWriter's one frame records its size: one exact buffer
+            try:
+                return zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
+            except zstandard.ZstdError:
+                pass  # more frames follow (or damage, which the stream read below reports)
+        # streamed frames (`tar c | zstd`) record no size, and a file may hold several frames, as gzip may members
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
     return data
 
 
@@ -314,7 +320,7 @@ def read_manifest(url: str) -> Manifest:
     if not str(url).endswith(".json"):
         url = manifest_url(url)
     try:
-        raw = storage.read_bytes(url)
+        raw = storage.read_whole(url)
     except FileNotFoundError:
         prefix = str(url)[: -len(MANIFEST_NAME)].rstrip("/")
         hint = ""
@@ -378,8 +384,6 @@ class ShardWriter:
                 self._gz.close()
             self._raw.close()
             self._closed = True
-            if self._compression == "zstd":
-                self._zstd_in_place()
 
     def _zstd_in_place(self) -> None:
         """Compress the finished tar as one zstd frame that records its size, so a reader inflates it into one
@@ -398,6 +402,8 @@ class ShardWriter:
         """Close, checksum and upload/rename in one atomic step; returns the shard's manifest entry."""
         self._close()
         try:
+            if self._compression == "zstd":
+                self._zstd_in_place()  # only committed shards are compressed: abort() just deletes the tar
             info = ShardInfo(name=self.name, num_samples=self.num_samples, bytes=os.path.getsize(self._tmp),
                              sha256=storage.sha256_file(self._tmp))
             storage.put_file_atomic(self._tmp, self.url)
@@ -437,7 +443,7 @@ def iter_tar_samples(fileobj: IO, where: str = "shard") -> Iterator[dict[str, by
                 if current is None:
                     current = {"__key__": key}
                 current[ext] = data
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, zstandard.ZstdError) as e:
         raise ShardFormatError(f"{where}: corrupt or truncated shard ({e})") from None
     if current is not None:
         yield current
@@ -448,7 +454,7 @@ def read_shard(url: str, t5_dtype: str | None = "bfloat16", expect_shape: tuple[
     """Decoded samples of one shard in stored order (optionally checking the whole file's sha256 first).
     Without the check the shard is streamed, so a large caption shard is never held in memory whole."""
     if verify_sha256 is not None:
-        data = storage.read_bytes(url)
+        data = storage.read_whole(url)
         got = hashlib.sha256(data).hexdigest()
         if got != verify_sha256:
             raise ShardFormatError(f"{url}: sha256 {got} does not match the manifest ({verify_sha256})")
@@ -464,11 +470,8 @@ def _decode_stream(f: IO, url: str, t5_dtype: str | None, expect_shape: tuple[in
     f.seek(0)
     if zstd:
         stream = zstandard.ZstdDecompressor().stream_reader(f)
-    try:
-        for members in iter_tar_samples(stream, str(url)):
-            yield decode_sample(members, t5_dtype, expect_shape)
-    except zstandard.ZstdError as e:
-        raise ShardFormatError(f"{url}: corrupt or truncated shard ({e})") from None
+    for members in iter_tar_samples(stream, str(url)):
+        yield decode_sample(members, t5_dtype, expect_shape)
 
 
 def read_dataset(prefix: str, verify: bool = False) -> tuple[Manifest, Iterator[Sample]]:

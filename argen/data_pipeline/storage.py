@@ -2,8 +2,9 @@
 
 URLs are either local paths (`/data/shards`, `file:///data/shards`) or `s3://bucket/prefix`. S3 is reached through
 s3fs with the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_DEFAULT_REGION), so a MinIO/SeaweedFS/Ceph endpoint needs no code, only the environment. read_whole, the
-loader's hot path, fetches whole objects through boto3 instead, configured from the same environment.
+AWS_DEFAULT_REGION), so a MinIO/SeaweedFS/Ceph endpoint needs no code, only the environment. read_whole (shards
+on the loader's hot path, manifests, records) fetches whole objects through boto3 instead, configured from the same
+environment.
 
 Atomicity is the contract the shard writer relies on:
 - local: write a hidden temp file in the destination directory, then `os.replace` (atomic within one filesystem);
@@ -135,11 +136,6 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     return _SHA_CACHE[key]
 
 
-def read_bytes(url: str) -> bytes:
-    with open_url(url, "rb") as f:
-        return f.read()
-
-
 _S3_CLIENTS: dict[tuple, Any] = {}
 _S3_LOCK = threading.Lock()
 
@@ -161,9 +157,9 @@ def _s3_client() -> Any:
 
 
 def read_whole(url: str) -> bytes:
-    """A whole object or file in one request, for the loader's hot path. S3 goes through boto3, which used half the
-    client CPU per byte of s3fs's cat_file on the test server (the loader shares its cores with the trainer); a
-    missing object raises FileNotFoundError like a missing file."""
+    """A whole object or file in one request (shards on the loader's hot path, manifests, records, source files).
+    S3 goes through boto3, which used half the client CPU per byte of s3fs's cat_file on the test server (the
+    loader shares its cores with the trainer). A missing object or file raises FileNotFoundError naming the URL."""
     url = str(url)
     if url.split("://", 1)[0] in ("s3", "s3a"):
         from botocore.exceptions import ClientError
@@ -173,10 +169,13 @@ def read_whole(url: str) -> bytes:
             return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchBucket", "404"):
-                raise FileNotFoundError(f"{url}: no such object") from None
+                raise FileNotFoundError(f"no such object: {url}") from None
             raise
     fs, path = get_fs(url)
-    return fs.cat_file(path)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such object: {url}") from None
 
 
 def makedirs(url: str) -> None:

@@ -226,10 +226,11 @@ class TokenizeJob:
         return src.index_img2dataset(self.source_root(), s.parquet, s.limit)
 
     def _cached_index(self) -> src.SourceIndex | None:
-        """The index an earlier run wrote, or None when it is missing or unreadable (read directly, no exists() check first)."""
+        """The index an earlier run wrote, or None when it is missing or unreadable (read directly, no exists() check
+        first)."""
         try:
-            return src.SourceIndex.from_dict(json.loads(gzip.decompress(storage.read_bytes(self.index_url))))
-        except (OSError, ValueError, TypeError):  # FileNotFoundError is an OSError
+            return src.SourceIndex.from_dict(json.loads(gzip.decompress(storage.read_whole(self.index_url))))
+        except (OSError, EOFError, ValueError, TypeError):  # missing (an OSError), truncated gzip (EOFError), garbled
             return None
 
     def load_index(self) -> src.SourceIndex:
@@ -251,7 +252,7 @@ class TokenizeJob:
     # ---------------------------------------------------------------- records
     def read_record(self, j: int) -> dict | None:
         try:
-            rec = json.loads(storage.read_bytes(self.record_url(j)))
+            rec = json.loads(storage.read_whole(self.record_url(j)))
         except (FileNotFoundError, ValueError):
             return None
         return rec if rec.get("fingerprint") == self.fp else None

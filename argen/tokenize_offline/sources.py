@@ -225,7 +225,7 @@ def _img2dataset_count(stats_url: str) -> int | None:
     import json
 
     try:
-        return int(json.loads(storage.read_bytes(stats_url))["successes"])
+        return int(json.loads(storage.read_whole(stats_url))["successes"])
     except (OSError, KeyError, ValueError, TypeError):
         return None
 
@@ -299,7 +299,7 @@ def read_item_bytes(item: dict, source: SourceIndex, root: str, _handles: dict =
         if not storage.is_remote(url):
             with open(url, "rb") as f:
                 return f.read()
-        return storage.read_bytes(url)
+        return storage.read_whole(url)
     if source.kind == "imagenet_tar":
         # one open handle per worker process: ranges are read with seek+read (S3: one range GET each)
         key = (os.getpid(), root)
