@@ -9,8 +9,11 @@ several images per forward, writes uint16 codes into zstd WebDataset shards (the
 Both use the same crop code (argen.tokenize_offline.images, which reproduces center_crop_arr + TenCrop), the same
 decoding workers and the same torch thread count, each in its own child process (argen's job sets process-wide
 allocator thresholds the reference must not inherit). The script checks that both produce the same codes (up to
-argmin near-ties that batch-size-dependent float rounding flips), and a last line times argen's VQ forwards alone
-over the same crops: the ceiling for any pipeline around this VQ at this precision and thread count.
+argmin near-ties that batch-size-dependent float rounding flips). Two last lines time argen's VQ forwards alone,
+over as many random crops of the same shape at argen's batching (the ceiling for any pipeline around this VQ at
+this precision and thread count), and set their FLOP rate beside one large convolution's.
+
+CPU only (GPUs are hidden): the target is set on the CPU, and the reference side and the ceiling run there.
 
     .venv/bin/python benchmarks/tokenize_throughput.py                      # VQ-tiny (the demo VQ), 64 px
     .venv/bin/python benchmarks/tokenize_throughput.py --vq VQ-micro --image-size 16 --images 400
@@ -18,10 +21,13 @@ over the same crops: the ceiling for any pipeline around this VQ at this precisi
 """
 from __future__ import annotations
 
+import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch: argen's job would otherwise encode on a GPU, the reference not
+
 import argparse
 import concurrent.futures
 import multiprocessing
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -135,7 +141,7 @@ def run_vq_alone(vq_dir: str, n: int, image_size: int, grids: int, crops_per_for
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 256, (grids, image_size, image_size, 3), dtype=np.uint8) for _ in range(n)]
     dtype = torch.bfloat16 if vq_dtype == "bfloat16" else None
-    per_forward = crops_per_forward or auto_crops_per_forward(vq.config, image_size, 4, None)  # argen's CPU choice
+    per_forward = crops_per_forward or auto_crops_per_forward(vq.config, image_size, None)  # argen's CPU choice
     encode_crops(vq, crops[:2], per_forward, "cpu", dtype, True)  # warm-up
     t0 = time.perf_counter()
     encode_crops(vq, crops, per_forward, "cpu", dtype, True)

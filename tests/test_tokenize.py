@@ -493,9 +493,8 @@ def test_auto_crops_per_forward_fits_the_accelerator():
     from argen.tokenize_offline.job import auto_crops_per_forward
 
     vq16 = vq_config("VQ-16")
-    assert auto_crops_per_forward(vq16, 256, 4, None) == 20                      # CPU
-    per_crop = 6 * 128 * 256 * 256 * 4                                            # ~201 MB of fp32 maps
-    assert auto_crops_per_forward(vq16, 256, 4, 139 << 30) == (139 << 30) // 2 // per_crop  # H200: 370
-    assert auto_crops_per_forward(vq16, 256, 2, 139 << 30) == 512                # bf16: capped
-    assert auto_crops_per_forward(vq16, 256, 4, 1 << 30) == 2
-    assert auto_crops_per_forward(vq16, 256, 4, 1 << 20) == 1                    # never zero
+    assert auto_crops_per_forward(vq16, 256, None) == 20                         # CPU
+    assert auto_crops_per_forward(vq16, 256, 139 << 30) == 370                   # H200: half of 139 GiB / ~201 MB
+    assert auto_crops_per_forward(vq16, 128, 139 << 30) == 512                   # capped
+    assert auto_crops_per_forward(vq16, 256, 1 << 30) == 2
+    assert auto_crops_per_forward(vq16, 256, 1 << 20) == 1                       # never zero

@@ -7,7 +7,7 @@ import argen.model
 from argen.errors import ArgenError
 from argen.model.discriminator import PatchGANDiscriminator
 from argen.model.lpips import vgg16_features
-from argen.model.vq import VQ_SIZES, VectorQuantizer, VQConfig, VQModel, count_parameters, vq_config
+from argen.model.vq import VQ_SIZES, VectorQuantizer, VQConfig, VQModel, _entropy_loss, count_parameters, vq_config
 
 
 
@@ -146,8 +146,15 @@ def test_usage_monitor_counts_only_real_assignments():
 def test_entropy_loss_is_optional():
     torch.manual_seed(3)
     cfg = VQConfig(codebook_size=32, codebook_embed_dim=4, entropy_loss_ratio=0.1)
-    out = VectorQuantizer(cfg).train()(torch.randn(2, 4, 4, 4))
+    q = VectorQuantizer(cfg).train()
+    z = torch.randn(2, 4, 4, 4)
+    out = q(z)
     assert torch.isfinite(out.entropy_loss) and out.entropy_loss != 0
+    # the reference's form: the entropy of softmax(-squared distance) between normalised latents and codes
+    flat = torch.nn.functional.normalize(z.permute(0, 2, 3, 1).reshape(-1, 4).double(), dim=-1)
+    dist = torch.cdist(flat, q.codebook().double()) ** 2
+    assert out.entropy_loss.item() == pytest.approx(0.1 * _entropy_loss(-dist).item(), rel=1e-4, abs=1e-6)
+    assert torch.equal(out.indices.reshape(-1), dist.argmin(1))
     out0 = VectorQuantizer(VQConfig(codebook_size=32, codebook_embed_dim=4)).train()(torch.randn(2, 4, 4, 4))
     assert out0.entropy_loss == 0
 

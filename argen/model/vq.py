@@ -283,9 +283,6 @@ class VectorQuantizer(nn.Module):
         w = self.embedding.weight
         return F.normalize(w, p=2, dim=-1) if self.l2_norm else w
 
-    def _distances(self, flat: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return (flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1)[None, :] - 2.0 * flat @ emb.t())
-
     # rows per block of the score matrix: 4096 x 16384 fp32 = 256 MiB, whatever the batch (512 crops of VQ-16
     # at 256 px are 131k rows: 8.6 GB per full distance matrix, and the reference's expression makes several)
     LOOKUP_ROWS = 4096
@@ -327,8 +324,15 @@ class VectorQuantizer(nn.Module):
             z32 = F.normalize(z32, p=2, dim=-1)
         emb = self.codebook().float()
         flat = z32.reshape(-1, d)
-        with torch.no_grad():
-            idx = self.lookup(flat, emb)
+        scores = None
+        if self.training and self.entropy_ratio > 0:
+            # the entropy loss needs the whole (N, K) score matrix with its gradient; the codes come from it too
+            with torch.autocast(flat.device.type, enabled=False):
+                scores = torch.addmm(emb.pow(2).sum(1).mul(-0.5), flat, emb.t())  # z.e - |e|^2/2
+            idx = scores.detach().argmax(1)
+        else:
+            with torch.no_grad():
+                idx = self.lookup(flat, emb)
         z_q = emb[idx].view(z32.shape)
         zero = z32.new_zeros(())
         vq_loss = commit = ent = zero
@@ -336,8 +340,9 @@ class VectorQuantizer(nn.Module):
         if self.training:
             vq_loss = torch.mean((z_q - z32.detach()) ** 2)
             commit = self.beta * torch.mean((z_q.detach() - z32) ** 2)
-            if self.entropy_ratio > 0:
-                ent = self.entropy_ratio * _entropy_loss(-self._distances(flat, emb))
+            if scores is not None:
+                # -|z - e|^2 = 2 * scores - |z|^2, and a per-row constant leaves the softmaxes unchanged
+                ent = self.entropy_ratio * _entropy_loss(2 * scores)
             if self.show_usage:
                 usage = self.record_usage(idx)
         z_q = z32 + (z_q - z32).detach()  # straight-through estimator

@@ -319,16 +319,20 @@ class TokenizeJob:
         if cfg.image_size % vq.downsample:
             raise ArgenError(f"image_size {cfg.image_size} is not a multiple of the VQ downsample factor {vq.downsample}")
         dtype = torch.bfloat16 if cfg.vq.dtype == "bfloat16" else None
-        # once, before any forward: later the caching allocator holds the activations and free memory reads half
-        # as much, and a resumed part must encode at the batch shape an uninterrupted one used (rounding near ties)
-        per_forward = cfg.vq.crops_per_forward or auto_crops_per_forward(
-            vq.config, cfg.image_size, 2 if dtype else 4, dev.free_memory_bytes(device))
         t5 = None
         if cfg.text.enabled:
             from argen.model.text_encoder import T5TextEncoder
 
             t5 = T5TextEncoder(cfg.text.t5_path, device=device, dtype=getattr(torch, cfg.text.dtype),
                                max_length=cfg.text.max_length)
+        # once per part, after T5 has taken its memory and before any forward (afterwards the caching allocator
+        # holds the activations and free memory reads half as much). It follows the memory free at start, so a
+        # resumed part may encode at another batch shape: codes can then differ at argmin near-ties, as between
+        # any two batch sizes, never in number or order. Pin vq.crops_per_forward for bit-identical reruns.
+        per_forward = cfg.vq.crops_per_forward or auto_crops_per_forward(
+            vq.config, cfg.image_size, dev.free_memory_bytes(device))
+        self.log(f"part {part.index}/{part.count}: {per_forward} crops per VQ forward on {device}"
+                 + ("" if cfg.vq.crops_per_forward else " (auto)"))
         if index.kind != "img2dataset":
             total = sum(len(index.units[j]) for j in pending)
         else:  # known only when img2dataset's NNNNN_stats.json files were found
@@ -461,15 +465,15 @@ def _created_by() -> str:
     return f"argen {__version__}"
 
 
-def auto_crops_per_forward(vq_cfg, image_size: int, dtype_bytes: int, free_bytes: int | None) -> int:
+def auto_crops_per_forward(vq_cfg, image_size: int, free_bytes: int | None) -> int:
     """Crops per VQ forward: 20 on a CPU (free_bytes None), where small batches stay in cache and run fastest; on
     an accelerator as many as fit in half its free memory, at most 512. An inference forward peaks at about six
     full-resolution feature maps (measured on CPU: 774 MB for 4 crops of VQ-16 at 256 px in fp32, against 6 x
     128 MB), so a crop of VQ-16 at 256 px costs ~200 MB in fp32: the old fixed 512 crops (103 GB) overflow any
-    80 GB card."""
+    80 GB card. Sized in fp32 under bf16 too: autocast runs GroupNorm, and so the SiLU after it, in fp32."""
     if free_bytes is None:
         return 20
-    per_crop = 6 * vq_cfg.ch * vq_cfg.encoder_ch_mult[0] * image_size * image_size * dtype_bytes
+    per_crop = 6 * vq_cfg.ch * vq_cfg.encoder_ch_mult[0] * image_size * image_size * 4
     return max(1, min(512, free_bytes // 2 // per_crop))
 
 
