@@ -207,8 +207,8 @@ class Engine:
         self._decoder = _Decoder(model, max_batch, self.max_seq, self.dtype, self.device)
         self._compile_mode = None
         if compile is True or (compile == "auto" and accel):
-            # On CPU "auto" stays eager: Inductor took ~20% off GPT-small's decode step and nothing off GPT-tiny's
-            # (the step is GEMMs and sampling, not Python), for 30-120 s of compilation on a 2-core machine.
+            # On CPU "auto" stays eager: Inductor made GPT-small's bf16 engine 1.49x faster (serve_speed.py
+            # --compile off / on) but compiles for ~16 s first, which tests and short-lived engines would pay.
             self._compile_mode = "reduce-overhead" if accel else "default"
         # torch.compile only wraps: compilation happens at the first decode step (or in warmup())
         self._step_fn: Callable = (torch.compile(self._decoder, mode=self._compile_mode,
